@@ -1,0 +1,787 @@
+"""The generic executor and its futures; providers plug in through `Provider`.
+
+How a call travels (the manager is one thread per executor)::
+
+    submit(fn, *args)                      manager thread                      provider / cloud
+    ─────────────────                      ──────────────                      ────────────────
+    validate, pickle the call  ──queue──►  write call.pkl to storage
+    return BatchFuture (PENDING)           provider.submit(JobSpec)  ────────►  job queued
+                                           write job.json (manifest)
+                                           every poll: provider.describe(all
+                                           jobs in flight, bulk) ◄──────────── statuses
+                                           list results/ of arrays             runner writes
+                                           job ended: read result.pkl  ◄────── result.pkl
+    future.result() ◄── set_result / set_exception
+
+``submit_map`` writes ONE ``inputs.bin`` for the whole array and submits one
+array job; ``map`` is built on it. Only the manager thread changes a future's
+state after submission (besides ``cancel``), through the stdlib's own
+``set_running_or_notify_cancel``/``set_result``/``set_exception``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from cloudexec import _payload
+from cloudexec._provider import JobInfo, JobSpec, JobStatus, Provider
+from cloudexec._storage import Store, open_store
+from cloudexec._version import __version__
+from cloudexec.errors import JobFailedError, JobNotFoundError, StorageError
+from cloudexec.settings import JobSettings
+
+if TYPE_CHECKING:
+    from cloudexec._poller import Manager
+
+__all__ = ["BatchExecutor", "BatchFuture", "ArrayFuture"]
+
+T = TypeVar("T")
+log = logging.getLogger("cloudexec")
+
+CANCEL_REASON = "Terminated by cloudexec (future.cancel())"
+# How long a non-terminal property value may be served from the cache before
+# a property read asks the provider again.
+_FRESH_S = 1.0
+
+
+class _JobRecord:
+    """One provider job the executor tracks (a single job or a whole array)."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        store: Store,
+        name: str,
+        settings: JobSettings,
+        size: int | None,
+        chunksize: int = 1,
+        n_items: int = 1,
+        call: bytes | None = None,
+        inputs: bytes | None = None,
+        function: str = "",
+    ) -> None:
+        self.job_id = job_id
+        self.store = store
+        self.name = name
+        self.settings = settings
+        self.size = size  # None: single job
+        self.chunksize = chunksize
+        self.n_items = n_items
+        self.call = call
+        self.inputs = inputs
+        self.function = function
+        self.ref: str | None = None
+        self.future: BatchFuture[Any] | None = None
+        self.children: list[BatchFuture[Any]] = []
+        self.children_done: set[int] = set()
+        self.missing_polls = 0
+        self.first_missing: float | None = None
+        self.attached = False  # re-attached jobs take no worker slot
+
+    @property
+    def is_array(self) -> bool:
+        return self.size is not None
+
+    def manifest(self, provider: str) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "job_id": self.job_id,
+            "kind": "array" if self.is_array else "single",
+            "size": self.size,
+            "chunksize": self.chunksize,
+            "n_items": self.n_items,
+            "name": self.name,
+            "function": self.function,
+            "provider": provider,
+            "provider_ref": self.ref,
+            "settings": self.settings.as_dict(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "cloudexec": __version__,
+            "python": _payload.PY_VERSION,
+        }
+
+
+class BatchFuture(Future[T], Generic[T]):
+    """A `concurrent.futures.Future` for one batch job (or one array child).
+
+    It works wherever a Future does (``wait``, ``as_completed``,
+    ``asyncio.wrap_future``) and also tells what the provider knows of the
+    job. Property values are live while the job runs (asked of the provider at
+    most about once a second) and fixed once it ended; a property the provider
+    no longer knows (metadata expired) reads ``None``.
+
+    ``cancel()`` also works on a job that already runs: it is terminated at the
+    provider with a reason saying cloudexec did it, and the future ends
+    cancelled. It never raises.
+    """
+
+    def __init__(self, core: _Core, record: _JobRecord, index: int | None = None) -> None:
+        super().__init__()
+        self._core = core
+        self._record = record
+        self._index = index
+        self._info: JobInfo | None = None
+        self._info_at = 0.0
+        self._logs: dict[str, str | None] = {}
+        self._outcomes: list[Any] | None = None
+
+    def __repr__(self) -> str:
+        base = super().__repr__()
+        return base[:-1] + f" job={self.job_id}>"
+
+    # -- identity ---------------------------------------------------------
+    @property
+    def job_id(self) -> str:
+        """cloudexec's id of the job (``<id>[<index>]`` for an array child); enough to `attach`."""
+        if self._index is None:
+            return self._record.job_id
+        return f"{self._record.job_id}[{self._index}]"
+
+    @property
+    def index(self) -> int | None:
+        """Index of this child in its array job, ``None`` for a single job."""
+        return self._index
+
+    # -- provider properties ---------------------------------------------
+    def _current_info(self) -> JobInfo | None:
+        info = self._info
+        if info is not None and (info.terminal or time.monotonic() - self._info_at < _FRESH_S):
+            return info
+        fresh = self._core.describe_one(self._record, self._index)
+        if fresh is not None:
+            self._set_info(fresh)
+            return fresh
+        return info if info is not None and info.terminal else None
+
+    def _set_info(self, info: JobInfo) -> None:
+        self._info = info
+        self._info_at = time.monotonic()
+
+    @property
+    def job_status(self) -> JobStatus | None:
+        """The provider's status, a member of its `JobStatus` enum (e.g. ``AWSJobStatus.RUNNABLE``)."""
+        info = self._current_info()
+        return info.status if info else None
+
+    @property
+    def job_exit_code(self) -> int | None:
+        """Exit code of the job's container process, once it ended."""
+        info = self._current_info()
+        return info.exit_code if info else None
+
+    @property
+    def job_status_reason(self) -> str | None:
+        """The provider's explanation of the current status."""
+        info = self._current_info()
+        return info.status_reason if info else None
+
+    @property
+    def provider_job_id(self) -> str | None:
+        """The provider's id of this job (or array child)."""
+        info = self._current_info()
+        if info and info.provider_job_id:
+            return info.provider_job_id
+        return None
+
+    @property
+    def attempts(self) -> int | None:
+        """Attempts made so far (retries included)."""
+        info = self._current_info()
+        return info.attempts if info else None
+
+    def _log(self, stream: str) -> str | None:
+        if stream in self._logs:
+            return self._logs[stream]
+        text = self._core.read_log(self._record, self._index, stream)
+        if self.done() and (self._info is None or self._info.terminal):
+            self._logs[stream] = text  # a finished job's log no longer changes
+        return text
+
+    @property
+    def job_log(self) -> str | None:
+        """The job's console output (stdout; where the provider merges them, stderr too)."""
+        return self._log("stdout")
+
+    @property
+    def job_stderr_log(self) -> str | None:
+        """The job's stderr where the provider keeps it apart from stdout, else ``None``."""
+        return self._log("stderr")
+
+    def properties(self) -> dict[str, Any]:
+        """Every job property as a dict (provider-specific ones included)."""
+        info = self._current_info()
+        props: dict[str, Any] = {
+            "job_id": self.job_id,
+            "job_status": info.status if info else None,
+            "job_exit_code": info.exit_code if info else None,
+            "job_status_reason": info.status_reason if info else None,
+            "provider_job_id": self.provider_job_id,
+            "attempts": info.attempts if info else None,
+        }
+        if info:
+            props.update(info.extra)
+        props["job_log"] = self.job_log
+        props["job_stderr_log"] = self.job_stderr_log
+        return props
+
+    # -- state changes -------------------------------------------------------
+    def cancel(self) -> bool:
+        """Cancel the job: dequeue it, or terminate it at the provider if it runs.
+
+        Returns:
+            False if the job already finished, True otherwise. Never raises.
+        """
+        with self._condition:
+            if self._state == FINISHED:
+                return False
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            self._state = CANCELLED
+            self._condition.notify_all()
+        # The stdlib tells waiters (wait/as_completed) only when the executor
+        # later calls set_running_or_notify_cancel; do it now so they wake.
+        self.set_running_or_notify_cancel()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # the stdlib's own hook
+        self._core.on_cancel(self)
+        return True
+
+    def _mark_running(self) -> None:
+        with self._condition:
+            if self._state != PENDING:
+                return
+        try:
+            self.set_running_or_notify_cancel()
+        except RuntimeError:  # lost a race with cancel(); nothing to do
+            pass
+
+    def _finish(self, *, result: Any = None, exception: BaseException | None = None) -> None:
+        self._mark_running()
+        try:
+            if exception is not None:
+                self.set_exception(exception)
+            else:
+                self.set_result(result)
+        except InvalidStateError:  # cancelled meanwhile: the user's choice wins
+            pass
+
+
+class ArrayFuture(BatchFuture[list[T]]):
+    """The future of a whole array job (``submit_map``).
+
+    ``result()`` is the list of every item's result, in order; it raises the
+    first failing item's exception. ``children`` are the futures of the array's
+    children (with ``chunksize > 1`` each child holds a chunk of items and its
+    result is the list of their results).
+    """
+
+    def __init__(self, core: _Core, record: _JobRecord) -> None:
+        super().__init__(core, record, None)
+        self._children_info: list[JobInfo | None] | None = None
+        self._children_info_at = 0.0
+
+    @property
+    def children(self) -> list[BatchFuture[Any]]:
+        """The children's futures, in index order."""
+        return list(self._record.children)
+
+    @property
+    def size(self) -> int:
+        """Number of children (provider array size)."""
+        return self._record.size or 0
+
+    @property
+    def status_counts(self) -> dict[str, int] | None:
+        """Children per provider status name, as the provider counts them."""
+        info = self._current_info()
+        return info.status_counts if info else None
+
+    def _children_infos(self) -> list[JobInfo | None]:
+        cached = self._children_info
+        if cached is not None and (
+            all(i is not None and i.terminal for i in cached) or time.monotonic() - self._children_info_at < _FRESH_S
+        ):
+            return cached
+        infos = self._core.describe_children(self._record)
+        if infos is None:
+            return cached or [None] * self.size
+        for child, info in zip(self._record.children, infos):
+            if info is not None:
+                child._set_info(info)
+        self._children_info = infos
+        self._children_info_at = time.monotonic()
+        return infos
+
+    @property
+    def child_job_exit_codes(self) -> list[int | None]:
+        """Each child's `job_exit_code`, in order."""
+        return [i.exit_code if i else None for i in self._children_infos()]
+
+    @property
+    def child_job_status_reasons(self) -> list[str | None]:
+        """Each child's `job_status_reason`, in order."""
+        return [i.status_reason if i else None for i in self._children_infos()]
+
+    @property
+    def child_job_statuses(self) -> list[JobStatus | None]:
+        """Each child's `job_status`, in order."""
+        return [i.status if i else None for i in self._children_infos()]
+
+    def properties(self) -> dict[str, Any]:
+        """Every array property, with the children's exit codes and reasons."""
+        props = super().properties()
+        props["status_counts"] = self.status_counts
+        props["child_job_exit_codes"] = self.child_job_exit_codes
+        props["child_job_status_reasons"] = self.child_job_status_reasons
+        return props
+
+    def cancel(self) -> bool:
+        """Cancel the whole array (terminating it at the provider); never raises."""
+        with self._condition:
+            if self._state == FINISHED:
+                return False
+        cancelled = super().cancel()
+        for child in self._record.children:
+            Future.cancel(child)  # local state only: the array was cancelled as a whole
+            if child.cancelled():
+                try:
+                    child.set_running_or_notify_cancel()
+                except RuntimeError:
+                    pass
+        return cancelled
+
+
+def _default_name(fn: Callable[..., Any]) -> str:
+    target = getattr(fn, "func", fn)  # functools.partial
+    return str(getattr(target, "__name__", None) or type(target).__name__)
+
+
+def _function_path(fn: Callable[..., Any]) -> str:
+    target = getattr(fn, "func", fn)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', _default_name(fn))}"
+
+
+def new_job_id(name: str) -> str:
+    """A unique job id that every provider accepts as a name: ``<name>-<utc time>-<random>``."""
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()[:24] or "job"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{stem}-{stamp}-{uuid.uuid4().hex[:8]}"
+
+
+class _Core:
+    """What an executor and all its `with_settings` views share."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        store: Store,
+        max_workers: int,
+        poll_interval_s: tuple[float, float],
+    ) -> None:
+        from cloudexec._poller import Manager
+
+        self.provider = provider
+        self.store = store
+        self.max_workers = max_workers
+        self.shutdown_lock = threading.Lock()
+        self.shutdown = False
+        self.manager: Manager = Manager(self, poll_interval_s)
+        self.attached: dict[str, BatchFuture[Any]] = {}
+
+    # Provider calls made on behalf of futures; they never raise.
+    def describe_one(self, record: _JobRecord, index: int | None) -> JobInfo | None:
+        if record.ref is None:
+            return None
+        try:
+            if index is None:
+                return self.provider.describe([record.ref]).get(record.ref)
+            return self.provider.describe_child(record.ref, record.size or 0, index)
+        except Exception as exc:  # noqa: BLE001 - a property must not raise
+            log.warning("cloudexec: could not describe job %s: %s", record.job_id, exc)
+            return None
+
+    def describe_children(self, record: _JobRecord) -> list[JobInfo | None] | None:
+        if record.ref is None:
+            return None
+        try:
+            return self.provider.describe_children(record.ref, record.size or 0)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cloudexec: could not describe the children of %s: %s", record.job_id, exc)
+            return None
+
+    def read_log(self, record: _JobRecord, index: int | None, stream: str) -> str | None:
+        if record.ref is None:
+            return None
+        try:
+            return self.provider.read_log(record.ref, index=index, stream=stream)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cloudexec: could not read the log of %s: %s", record.job_id, exc)
+            return None
+
+    def on_cancel(self, future: BatchFuture[Any]) -> None:
+        record = future._record
+        self.manager.wake()
+        if record.ref is None:
+            return  # not dispatched yet: the manager drops it, or cancels right after submitting
+        is_whole = future._index is None
+        if not is_whole and record.future is not None and record.future.cancelled():
+            return  # the array was cancelled as a whole
+        try:
+            self.provider.cancel(record.ref, CANCEL_REASON, index=future._index)
+        except Exception as exc:  # noqa: BLE001 - cancel() never raises
+            log.warning("cloudexec: could not cancel job %s at the provider: %s", future.job_id, exc)
+
+
+class BatchExecutor(Executor):
+    """A `concurrent.futures.Executor` that runs each call as a batch job.
+
+    Generic over the batch service: a `Provider` does the talking.
+    ``submit`` becomes one job, ``map``/``submit_map`` one array job. Use a
+    provider's class (`LocalBatchExecutor`, `AWSBatchExecutor`,
+    `AzureBatchExecutor`) rather than this one directly.
+
+    Args:
+        provider: the batch service.
+        io_url: storage folder for calls and results (any fsspec URL the
+            provider's containers can reach).
+        storage_options: fsspec options for ``io_url``.
+        max_workers: jobs in flight at once (an array job counts once);
+            default: the provider's.
+        poll_interval_s: (first, longest) pause between status polls.
+        **settings: default job settings (see `cloudexec.settings`).
+
+    Raises:
+        ValueError: ``max_workers <= 0`` or a bad setting value.
+        TypeError: an unknown setting.
+        StorageError: ``io_url`` cannot be written.
+    """
+
+    #: Future classes a provider's executor may specialise (extra properties).
+    future_class: ClassVar[type[BatchFuture[Any]]] = BatchFuture
+    array_future_class: ClassVar[type[ArrayFuture[Any]]] = ArrayFuture
+
+    def __init__(
+        self,
+        provider: Provider,
+        io_url: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        max_workers: int | None = None,
+        poll_interval_s: tuple[float, float] | None = None,
+        **settings: Any,
+    ) -> None:
+        if max_workers is None:
+            max_workers = provider.default_max_workers
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int; got {max_workers!r}")
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        self._settings = self._validate(provider, settings)
+        store = open_store(io_url, storage_options)
+        _probe_storage(store)
+        self._core = _Core(provider, store, max_workers, poll_interval_s or provider.poll_interval_s)
+        self._provider = provider
+
+    @staticmethod
+    def _validate(provider: Provider, settings: dict[str, Any]) -> JobSettings:
+        parsed = JobSettings.from_kwargs(provider.settings, **settings)
+        provider.validate_settings(parsed)
+        return parsed
+
+    # -- configuration ------------------------------------------------------
+    @property
+    def provider(self) -> Provider:
+        """The provider object this executor submits through."""
+        return self._core.provider
+
+    @property
+    def io_url(self) -> str:
+        """The storage folder of this executor's jobs."""
+        return self._core.store.url
+
+    @property
+    def settings(self) -> JobSettings:
+        """The job settings calls of this executor (or view) get."""
+        return self._settings
+
+    def with_settings(self, **overrides: Any) -> BatchExecutor:
+        """A view of this executor whose jobs get other settings.
+
+        The view shares the executor's provider, storage, poller and shutdown
+        state; only the job settings differ. Settings are validated now.
+
+        Example:
+            ``big = ex.with_settings(vcpus=4, memory="8 GiB"); big.submit(f, x)``
+        """
+        parsed = self._validate(self._core.provider, overrides)
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._settings = self._settings.merged(parsed)
+        return view
+
+    # -- Executor API -------------------------------------------------------
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> BatchFuture[T]:
+        """Submit ``fn(*args, **kwargs)`` as one batch job; return its future.
+
+        Raises:
+            RuntimeError: the executor was shut down.
+            TypeError: ``fn`` is not callable.
+            PayloadError: the call cannot be pickled (nothing was submitted).
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable; got {fn!r} ({type(fn).__name__})")
+        modules = _payload.collect_local_modules([fn, *args, *kwargs.values()])
+        call = _payload.pack("call", (fn, args, kwargs), modules=modules)
+        name = self._settings.job_name or _default_name(fn)
+        record = _JobRecord(
+            job_id=new_job_id(name),
+            store=self._core.store,
+            name=name,
+            settings=self._settings,
+            size=None,
+            call=call,
+            function=_function_path(fn),
+        )
+        future: BatchFuture[T] = self.future_class(self._core, record)
+        record.future = future
+        self._enqueue(record)
+        return future
+
+    def submit_map(self, fn: Callable[..., T], *iterables: Iterable[Any], chunksize: int = 1) -> ArrayFuture[T]:
+        """Submit ``fn`` over the zipped iterables as ONE array job.
+
+        Args:
+            fn: the function, called as ``fn(*items)``.
+            *iterables: argument iterables, consumed now (like ``map``).
+            chunksize: items per array child.
+
+        Returns:
+            An `ArrayFuture` whose result is the list of results, in order.
+
+        Raises:
+            RuntimeError: the executor was shut down.
+            TypeError/ValueError: bad ``fn`` or ``chunksize``.
+            PayloadError: the function or an argument cannot be pickled.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable; got {fn!r} ({type(fn).__name__})")
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise TypeError(f"chunksize must be an int; got {chunksize!r}")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        items = list(zip(*iterables))
+        chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+        modules = _payload.collect_local_modules([fn, *itertools.islice(itertools.chain(*items), 100)])
+        call = _payload.pack("call", (fn, None, None), modules=modules, array=True, chunksize=chunksize)
+        inputs = _payload.pack_inputs([_payload.dumps_chunk(c) for c in chunks])
+        name = self._settings.job_name or _default_name(fn)
+        record = _JobRecord(
+            job_id=new_job_id(name),
+            store=self._core.store,
+            name=name,
+            settings=self._settings,
+            size=len(chunks),
+            chunksize=chunksize,
+            n_items=len(items),
+            call=call,
+            inputs=inputs,
+            function=_function_path(fn),
+        )
+        future: ArrayFuture[T] = self.array_future_class(self._core, record)
+        record.future = future
+        record.children = [self.future_class(self._core, record, i) for i in range(len(chunks))]
+        if not chunks:
+            # Nothing to run: an empty array job would be rejected by every provider.
+            with self._core.shutdown_lock:
+                if self._core.shutdown:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+            future._finish(result=[])
+            return future
+        self._enqueue(record)
+        return future
+
+    def _enqueue(self, record: _JobRecord) -> None:
+        with self._core.shutdown_lock:
+            if self._core.shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._core.manager.enqueue(record)
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like ``ProcessPoolExecutor.map``, as one array job.
+
+        Results are yielded in order; a call's exception is raised when the
+        iteration reaches it; ``TimeoutError`` if a result is not ready
+        ``timeout`` seconds after this call. Leaving the loop early cancels
+        what has not finished.
+        """
+        end_time = None if timeout is None else timeout + time.monotonic()
+        array = self.submit_map(fn, *iterables, chunksize=chunksize)
+        return _map_results(array, end_time)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; see ``concurrent.futures.Executor.shutdown``.
+
+        Args:
+            wait: block until every job in flight has ended and its future is set.
+            cancel_futures: cancel jobs not yet handed to the provider.
+        """
+        core = self._core
+        with core.shutdown_lock:
+            core.shutdown = True
+        if cancel_futures:
+            core.manager.cancel_queued()
+        core.manager.stop(wait=wait)
+
+    # -- re-attach -------------------------------------------------------------
+    def attach(self, job_id: str) -> BatchFuture[Any]:
+        """Get the future of an earlier job back, from its id alone.
+
+        Works in a new process after the submitting client died, while the
+        job's stored objects exist: the result comes from storage even after
+        the provider forgot the job.
+
+        Args:
+            job_id: a cloudexec job id (``future.job_id``, optionally with an
+                ``[index]`` for an array child) or the provider's job id.
+
+        Raises:
+            JobNotFoundError: neither storage nor the provider knows the id.
+        """
+        core = self._core
+        match = re.fullmatch(r"(.+)\[(\d+)\]", job_id)
+        index = int(match.group(2)) if match else None
+        base_id = match.group(1) if match else job_id
+        manifest = _read_manifest(core.store, base_id)
+        if manifest is None:
+            url = core.provider.find_job_url(base_id)
+            if url is not None:
+                found = url.rstrip("/").rsplit("/", 1)[-1]
+                manifest = _read_manifest(core.store, found)
+        if manifest is None:
+            raise JobNotFoundError(
+                f"no job {job_id!r} under {core.store.url}: no manifest job.json there and the "
+                f"{core.provider.name} provider does not know it. Check the id and that this "
+                "executor uses the same io storage as the one that submitted the job."
+            )
+        cached = core.attached.get(manifest["job_id"])
+        if cached is None:
+            cached = self._track_attached(manifest)
+        if index is None:
+            return cached
+        if not isinstance(cached, ArrayFuture) or not 0 <= index < cached.size:
+            raise JobNotFoundError(f"job {manifest['job_id']} has no array child {index}")
+        return cached.children[index]
+
+    def _track_attached(self, manifest: dict[str, Any]) -> BatchFuture[Any]:
+        core = self._core
+        is_array = manifest.get("kind") == "array"
+        record = _JobRecord(
+            job_id=manifest["job_id"],
+            store=core.store,
+            name=manifest.get("name", ""),
+            settings=JobSettings(),
+            size=manifest.get("size") if is_array else None,
+            chunksize=manifest.get("chunksize", 1),
+            n_items=manifest.get("n_items", 1),
+            function=manifest.get("function", ""),
+        )
+        record.ref = manifest.get("provider_ref")
+        future: BatchFuture[Any]
+        record.attached = True
+        if is_array:
+            future = self.array_future_class(core, record)
+            record.children = [self.future_class(core, record, i) for i in range(record.size or 0)]
+        else:
+            future = self.future_class(core, record)
+        record.future = future
+        core.attached[record.job_id] = future
+        with core.shutdown_lock:
+            if core.shutdown:
+                raise RuntimeError("cannot attach to jobs after shutdown")
+            core.manager.track(record)
+        return future
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} provider={self._core.provider.name} io_url={self.io_url!r}>"
+
+
+def _map_results(array: ArrayFuture[Any], end_time: float | None) -> Iterator[Any]:
+    children = array.children
+    try:
+        for child in children:
+            remaining = None if end_time is None else end_time - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError()
+            child.exception(remaining)  # waits; raises CancelledError/TimeoutError
+            outcomes = child._outcomes
+            if outcomes is None:
+                yield child.result()
+                continue
+            for outcome in outcomes:
+                yield _payload.outcome_value(outcome)
+    finally:
+        if not array.done():
+            array.cancel()
+
+
+def _read_manifest(store: Store, job_id: str) -> dict[str, Any] | None:
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", job_id):
+        return None
+    try:
+        data: dict[str, Any] = json.loads(store.read(f"{job_id}/{_payload.MANIFEST}"))
+        return data
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - a corrupt or foreign object is "not a job"
+        return None
+
+
+def _probe_storage(store: Store) -> None:
+    """Fail at construction, not at the first job, when storage is unusable."""
+    key = f".cloudexec-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        store.write(key, b"ok")
+        store.delete(key)
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(
+            f"cannot write to the job storage {store.url!r}: {type(exc).__name__}: {exc}. "
+            "Give an io location that exists and that these credentials may write to."
+        ) from exc
+
+
+def job_failed(record: _JobRecord, index: int | None, info: JobInfo | None, provider: Provider) -> JobFailedError:
+    """The error for a job that ended without writing a result."""
+    job_id = record.job_id if index is None else f"{record.job_id}[{index}]"
+    if info is None:
+        return JobFailedError(
+            job_id,
+            status=None,
+            status_reason="the provider no longer knows this job and it wrote no result",
+            exit_code=None,
+        )
+    return JobFailedError(
+        job_id,
+        status=str(info.status) if info.status else None,
+        status_reason=info.status_reason,
+        exit_code=info.exit_code,
+        hint=provider.failure_hint(info),
+    )
+

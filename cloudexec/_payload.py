@@ -1,0 +1,393 @@
+"""Envelopes for calls and results, and the layout of a job's storage prefix.
+
+Layout of one job, below the executor's storage root (``io_url``)::
+
+    <io_url>/<job_id>/
+        job.json          manifest: what the job is (kind, size, function,
+                          settings, provider and its job id, versions); written
+                          once the provider accepted the job, so any tool can
+                          find out what a prefix holds from its id alone
+        call.pkl          envelope: (fn, args, kwargs) for a single job, or
+                          (fn, None, None) for an array job
+        inputs.bin        array jobs only: every child's arguments in ONE
+                          object, with an offset table so that child i reads
+                          just its own byte range (see `pack_inputs`)
+        result.pkl        single job: envelope of a list with one outcome
+        results/<i>.pkl   array child i: envelope of its chunk's outcomes
+
+Every envelope is ``MAGIC | format byte | header length | JSON header | body``.
+The JSON header records the Python, dill and cloudexec versions and what
+the body is, so a runner can refuse a call pickled by another Python minor
+version with a clear message before unpickling anything, and new fields
+(signatures, dependencies) can be added without breaking old readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import sysconfig
+import traceback
+import types
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from cloudexec._version import __version__
+from cloudexec.errors import PayloadError, RemoteError, RemoteTraceback, VersionMismatchError
+
+__all__ = [
+    "pack",
+    "unpack",
+    "read_header",
+    "pack_inputs",
+    "read_input_slice",
+    "Outcome",
+    "pack_outcomes",
+    "raise_or_return",
+    "collect_local_modules",
+    "install_shipped_modules",
+    "MANIFEST",
+    "CALL",
+    "INPUTS",
+    "RESULT",
+    "RESULTS_DIR",
+]
+
+MANIFEST = "job.json"
+CALL = "call.pkl"
+INPUTS = "inputs.bin"
+RESULT = "result.pkl"
+RESULTS_DIR = "results"
+
+MAGIC = b"CLDX"
+FORMAT = 1
+_PREFIX = struct.Struct(">4sBI")  # magic, format, header length
+_INDEX_MAGIC = b"CLDXIDX1"
+_U64 = struct.Struct(">Q")
+
+PY_VERSION = "%d.%d.%d" % sys.version_info[:3]
+
+
+def result_key(index: int | None) -> str:
+    """Storage key of a job's result: ``result.pkl`` or ``results/<index>.pkl``."""
+    return RESULT if index is None else f"{RESULTS_DIR}/{index}.pkl"
+
+
+def _dill() -> Any:
+    import dill
+
+    return dill
+
+
+def pack(kind: str, obj: Any, **header: Any) -> bytes:
+    """Serialize ``obj`` with dill into a versioned envelope.
+
+    Args:
+        kind: what the body is (``"call"``, ``"result"``).
+        obj: the object to pickle.
+        **header: extra JSON-serialisable header fields.
+
+    Raises:
+        PayloadError: ``obj`` cannot be pickled (the message names the cause).
+    """
+    dill = _dill()
+    try:
+        # recurse=True: a __main__ function that uses a module global would
+        # otherwise fail remotely with NameError (observed with dill 0.4).
+        body = dill.dumps(obj, recurse=True)
+    except Exception as exc:
+        raise PayloadError(f"cannot pickle the {kind} with dill: {type(exc).__name__}: {exc}") from exc
+    return pack_raw(kind, body, **header)
+
+
+def pack_raw(kind: str, body: bytes, **header: Any) -> bytes:
+    """Wrap an already serialized body in an envelope (see `pack`)."""
+    head = {
+        "kind": kind,
+        "python": PY_VERSION,
+        "dill": _dill().__version__,
+        "cloudexec": __version__,
+        **header,
+    }
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    return _PREFIX.pack(MAGIC, FORMAT, len(raw)) + raw + body
+
+
+def read_header(data: bytes) -> tuple[dict[str, Any], int]:
+    """Parse an envelope's header; returns it and the offset of the body.
+
+    Raises:
+        PayloadError: not a cloudexec envelope, or a newer format.
+    """
+    if len(data) < _PREFIX.size:
+        raise PayloadError("truncated cloudexec envelope")
+    magic, fmt, length = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise PayloadError("not a cloudexec envelope (bad magic bytes)")
+    if fmt > FORMAT:
+        raise PayloadError(
+            f"envelope format {fmt} is newer than this cloudexec ({__version__}) reads; upgrade cloudexec"
+        )
+    end = _PREFIX.size + length
+    header: dict[str, Any] = json.loads(data[_PREFIX.size : end])
+    return header, end
+
+
+def check_python(header: dict[str, Any], *, where: str) -> None:
+    """Refuse a dill body pickled by another Python minor version.
+
+    Args:
+        header: the envelope header.
+        where: who is reading ("runner" or "client"), for the message.
+
+    Raises:
+        VersionMismatchError: naming both versions and the fix.
+    """
+    theirs = str(header.get("python", "?"))
+    if theirs.split(".")[:2] != PY_VERSION.split(".")[:2]:
+        writer = "client" if where == "runner" else "runner"
+        raise VersionMismatchError(
+            f"the {writer} pickled this {header.get('kind', 'payload')} with Python {theirs}, but the "
+            f"{where} runs Python {PY_VERSION}; dill pickles do not travel across Python minor versions. "
+            f"Run the client and the container image on the same Python minor version "
+            f"(container/Dockerfile takes PYTHON_VERSION)."
+        )
+
+
+def unpack(data: bytes, *, where: str = "client") -> tuple[dict[str, Any], Any]:
+    """Check and unpickle an envelope; returns ``(header, object)``.
+
+    Raises:
+        VersionMismatchError: pickled by another Python minor version.
+        PayloadError: not an envelope, or unpickling failed.
+    """
+    header, offset = read_header(data)
+    check_python(header, where=where)
+    install_shipped_modules(header.get("modules") or {})
+    try:
+        obj = _dill().loads(data[offset:])
+    except Exception as exc:
+        raise PayloadError(
+            f"cannot unpickle the {header.get('kind', 'payload')} (written by cloudexec "
+            f"{header.get('cloudexec')}, dill {header.get('dill')}): {type(exc).__name__}: {exc}"
+        ) from exc
+    return header, obj
+
+
+# -- array inputs ------------------------------------------------------------
+
+
+def pack_inputs(chunks: Sequence[bytes]) -> bytes:
+    """Concatenate pickled chunks behind an offset table, as one object.
+
+    Layout: ``b"CLDXIDX1" | n (u64) | offsets[0..n] (u64 each) | data``;
+    chunk i is ``data[offsets[i]:offsets[i+1]]``. A child thus needs two
+    small range reads, whatever the size of the array.
+    """
+    offsets = [0]
+    for chunk in chunks:
+        offsets.append(offsets[-1] + len(chunk))
+    table = b"".join(_U64.pack(o) for o in offsets)
+    return _INDEX_MAGIC + _U64.pack(len(chunks)) + table + b"".join(chunks)
+
+
+def read_input_slice(read: Any, index: int) -> bytes:
+    """Read chunk ``index`` of an inputs object through ``read(start, end)``."""
+    head = read(0, 16)
+    if head[:8] != _INDEX_MAGIC:
+        raise PayloadError("inputs object is not a cloudexec inputs table")
+    (count,) = _U64.unpack_from(head, 8)
+    if not 0 <= index < count:
+        raise PayloadError(f"array index {index} is outside the job's {count} children")
+    table_start = 16 + 8 * index
+    lo, hi = struct.unpack(">QQ", read(table_start, table_start + 16))
+    data_start = 16 + 8 * (count + 1)
+    return bytes(read(data_start + lo, data_start + hi))
+
+
+def dumps_chunk(items: Sequence[tuple[Any, ...]]) -> bytes:
+    """Pickle one child's argument tuples (raises PayloadError)."""
+    try:
+        return bytes(_dill().dumps(list(items), recurse=True))
+    except Exception as exc:
+        raise PayloadError(f"cannot pickle map arguments with dill: {type(exc).__name__}: {exc}") from exc
+
+
+# -- outcomes ----------------------------------------------------------------
+
+#: One call's outcome: ``("ok", value)`` or ``("err", exc_or_None, type_name, message, traceback)``.
+Outcome = tuple
+
+
+def capture(fn: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Outcome:
+    """Run ``fn(*args, **kwargs)`` and return its outcome."""
+    try:
+        return ("ok", fn(*args, **kwargs))
+    except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt/SystemExit inside a job are results too
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return ("err", exc, _type_name(exc), str(exc), tb)
+
+
+def _type_name(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
+
+
+def pack_outcomes(outcomes: list[Outcome], **header: Any) -> bytes:
+    """Envelope a list of outcomes, degrading what dill cannot pickle.
+
+    An unpicklable exception travels as `RemoteError` (type name and message
+    kept); an unpicklable return value becomes a `PayloadError` outcome, so a
+    result object is always written.
+    """
+    ok = all(o[0] == "ok" for o in outcomes)
+    try:
+        return pack("result", outcomes, ok=ok, **header)
+    except PayloadError:
+        pass
+    dill = _dill()
+    safe: list[Outcome] = []
+    for outcome in outcomes:
+        try:
+            dill.dumps(outcome, recurse=True)
+            safe.append(outcome)
+        except Exception as exc:  # noqa: BLE001
+            if outcome[0] == "ok":
+                err = PayloadError(f"the job's return value cannot be pickled: {type(exc).__name__}: {exc}")
+                safe.append(("err", err, _type_name(err), str(err), ""))
+                ok = False
+            else:
+                _, _, type_name, message, tb = outcome
+                safe.append(("err", RemoteError(type_name, message), type_name, message, tb))
+    return pack("result", safe, ok=ok, **header)
+
+
+def outcome_value(outcome: Outcome) -> Any:
+    """Return an outcome's value, or raise its exception with the remote traceback as ``__cause__``."""
+    if outcome[0] == "ok":
+        return outcome[1]
+    _, exc, type_name, message, tb = outcome
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(type_name, message)
+    if tb:
+        exc.__cause__ = RemoteTraceback(tb)
+    raise exc
+
+
+def raise_or_return(outcomes: list[Outcome]) -> Any:
+    """The single outcome's value (single jobs)."""
+    return outcome_value(outcomes[0])
+
+
+# -- shipping modules that the runner cannot import --------------------------
+
+_NOT_LOCAL: tuple[str, ...] = ()
+
+
+def _not_local_roots() -> tuple[str, ...]:
+    global _NOT_LOCAL
+    if not _NOT_LOCAL:
+        roots = {os.path.dirname(os.__file__)}
+        paths = sysconfig.get_paths()
+        for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+            if paths.get(key):
+                roots.add(paths[key])
+        roots.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "cloudexec")
+        _NOT_LOCAL = tuple(os.path.realpath(r) for r in roots)
+    return _NOT_LOCAL
+
+
+def _is_local_module(module: types.ModuleType) -> bool:
+    """Whether ``module`` is the user's own source (not stdlib, not installed, not cloudexec)."""
+    filename = getattr(module, "__file__", None)
+    if not filename or not filename.endswith(".py") or module.__name__ == "__main__":
+        return False
+    real = os.path.realpath(filename)
+    if "site-packages" in real or "dist-packages" in real:
+        return False
+    return not any(real.startswith(root + os.sep) for root in _not_local_roots())
+
+
+def _module_of(obj: Any) -> str | None:
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    func = getattr(obj, "func", None)  # functools.partial
+    if func is not None and callable(func):
+        obj = func
+    name = getattr(obj, "__module__", None)
+    if isinstance(name, str):
+        return name
+    return getattr(type(obj), "__module__", None)
+
+
+def collect_local_modules(objs: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    """Source of every user module the objects (and those modules) refer to.
+
+    dill pickles functions and classes of importable modules by reference, so
+    a job would fail with ModuleNotFoundError when the module exists only on
+    the client (a script's helper file, a notebook's folder). Their source is
+    shipped in the call's header and served to the runner by an import hook
+    that comes *after* the installed modules, so an installed copy wins.
+    """
+    shipped: dict[str, dict[str, Any]] = {}
+    pending = [m for m in (_module_of(o) for o in objs) if m]
+    while pending:
+        name = pending.pop()
+        if name in shipped:
+            continue
+        module = sys.modules.get(name)
+        if module is None or not _is_local_module(module):
+            continue
+        assert module.__file__ is not None
+        try:
+            with open(module.__file__, encoding="utf-8") as fh:
+                source = fh.read()
+        except OSError:
+            continue
+        is_pkg = os.path.basename(module.__file__) == "__init__.py"
+        shipped[name] = {"source": source, "package": is_pkg, "file": module.__file__}
+        if "." in name:
+            pending.append(name.rsplit(".", 1)[0])
+        for value in list(vars(module).values()):
+            ref = _module_of(value)
+            if ref and ref not in shipped and ref != name:
+                pending.append(ref)
+    return shipped
+
+
+class _ShippedModules:
+    """Import hook serving shipped module sources (a meta path finder + loader)."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, dict[str, Any]] = {}
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        entry = self.sources.get(fullname)
+        if entry is None:
+            return None
+        import importlib.util
+
+        loader: Any = self
+        return importlib.util.spec_from_loader(fullname, loader, origin=entry["file"], is_package=entry["package"])
+
+    def create_module(self, spec: Any) -> None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        entry = self.sources[module.__name__]
+        module.__file__ = entry["file"]
+        code = compile(entry["source"], entry["file"], "exec")
+        exec(code, module.__dict__)  # noqa: S102 - this is the user's own shipped code
+
+
+_HOOK = _ShippedModules()
+
+
+def install_shipped_modules(modules: dict[str, dict[str, Any]]) -> None:
+    """Make shipped sources importable, behind anything installed."""
+    if not modules:
+        return
+    _HOOK.sources.update(modules)
+    if _HOOK not in sys.meta_path:
+        sys.meta_path.append(_HOOK)

@@ -1,0 +1,411 @@
+"""The one background thread of an executor: dispatches jobs, polls, sets futures.
+
+Economy matters more than latency here: cloud batch APIs are rate limited
+(AWS allows about 50 Batch calls per second per account), so the manager asks
+the provider about *all* jobs in flight with one bulk `Provider.describe` per
+poll, learns about finished array children by listing the ``results/`` folder
+(one LIST per 1,000 children) instead of describing each child, and backs off
+from the provider's first to its longest poll interval while nothing changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import BrokenExecutor, CancelledError
+from typing import TYPE_CHECKING, Any
+
+from cloudexec import _payload
+from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
+from cloudexec._provider import JobInfo, JobSpec, Phase
+from cloudexec._storage import Store
+from cloudexec.errors import CloudExecError, SubmissionError
+
+if TYPE_CHECKING:
+    from cloudexec._base import _Core
+
+log = logging.getLogger("cloudexec")
+
+# A job the provider does not (yet, or any more) know, and that left no result,
+# is declared lost after this many polls and seconds: AWS DescribeJobs may not
+# show a job for a moment after SubmitJob, and shows none 24 h after it ended.
+_MISSING_POLLS = 5
+_MISSING_S = 30.0
+
+
+class Manager:
+    """Dispatcher and poller for one executor (and its `with_settings` views)."""
+
+    def __init__(self, core: _Core, poll_interval_s: tuple[float, float]) -> None:
+        self.core = core
+        self.min_interval, self.max_interval = poll_interval_s
+        self.cond = threading.Condition()
+        self.queue: deque[_JobRecord] = deque()
+        self.inflight: dict[str, _JobRecord] = {}
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.closed = False
+        self._job_stores: dict[str, Store] = {}
+
+    # -- called from user threads ------------------------------------------
+    def enqueue(self, record: _JobRecord) -> None:
+        """Queue a new job for dispatch."""
+        with self.cond:
+            self.queue.append(record)
+            self._ensure_thread()
+            self.cond.notify_all()
+
+    def track(self, record: _JobRecord) -> None:
+        """Follow a job that was submitted earlier (re-attach); it takes no worker slot."""
+        with self.cond:
+            record.missing_polls = 0
+            self.inflight[record.job_id] = record
+            self._ensure_thread()
+            self.cond.notify_all()
+
+    def wake(self) -> None:
+        """Make the manager look at its queue now (after a cancel)."""
+        with self.cond:
+            self.cond.notify_all()
+
+    def cancel_queued(self) -> None:
+        """Cancel every job not yet handed to the provider."""
+        with self.cond:
+            queued = list(self.queue)
+            self.queue.clear()
+        for record in queued:
+            if record.future is not None:
+                record.future.cancel()
+
+    def stop(self, wait: bool) -> None:
+        """Finish what is in flight, then end the thread (and close the provider)."""
+        with self.cond:
+            self.stopping = True
+            thread = self.thread
+            self.cond.notify_all()
+        if thread is None:
+            self._close_provider()
+        elif wait and thread is not threading.current_thread():
+            thread.join()
+
+    def _ensure_thread(self) -> None:
+        if self.thread is None:
+            # Daemon: jobs live on at the provider when the interpreter exits
+            # and can be re-attached; a blocking exit would hold a client for hours.
+            self.thread = threading.Thread(target=self._run, name="cloudexec-manager", daemon=True)
+            self.thread.start()
+
+    def _close_provider(self) -> None:
+        with self.cond:
+            if self.closed:
+                return
+            self.closed = True
+        try:
+            self.core.provider.close()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cloudexec: closing the %s provider failed: %s", self.core.provider.name, exc)
+
+    # -- the thread ------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - fail every future rather than hang them
+            log.exception("cloudexec: the manager thread died")
+            self._break_all(exc)
+        finally:
+            self._close_provider()
+
+    def _loop(self) -> None:
+        interval = self.min_interval
+        next_poll = time.monotonic() + self.min_interval
+        while True:
+            if self._dispatch():
+                next_poll = min(next_poll, time.monotonic() + self.min_interval)
+            if self.inflight and time.monotonic() >= next_poll:
+                changed = self._poll()
+                interval = self.min_interval if changed else min(interval * 1.5, self.max_interval)
+                next_poll = time.monotonic() + interval
+            with self.cond:
+                if self.stopping and not self.queue and not self.inflight:
+                    return
+                if self.queue and len(self._counted()) < self.core.max_workers:
+                    continue
+                timeout = max(0.0, next_poll - time.monotonic()) if self.inflight else None
+                self.cond.wait(timeout)
+
+    def _counted(self) -> list[_JobRecord]:
+        return [r for r in self.inflight.values() if not r.attached]
+
+    def _break_all(self, exc: BaseException) -> None:
+        with self.cond:
+            records = list(self.queue) + list(self.inflight.values())
+            self.queue.clear()
+            self.inflight.clear()
+        error = BrokenExecutor(f"the cloudexec manager thread died: {type(exc).__name__}: {exc}")
+        for record in records:
+            for future in [record.future, *record.children]:
+                if future is not None and not future.done():
+                    future._finish(exception=error)
+
+    def job_store(self, record: _JobRecord) -> Store:
+        store = self._job_stores.get(record.job_id)
+        if store is None:
+            store = self._job_stores[record.job_id] = record.store.child(record.job_id)
+        return store
+
+    # -- dispatch ------------------------------------------------------------
+    def _dispatch(self) -> bool:
+        progressed = False
+        while True:
+            with self.cond:
+                if not self.queue or len(self._counted()) >= self.core.max_workers:
+                    return progressed
+                record = self.queue.popleft()
+                future = record.future
+                if future is None or future.cancelled():
+                    continue
+                self.inflight[record.job_id] = record
+            progressed = True
+            try:
+                self._submit(record)
+            except BaseException as exc:  # noqa: BLE001 - the future carries it
+                with self.cond:
+                    self.inflight.pop(record.job_id, None)
+                    self._job_stores.pop(record.job_id, None)
+                for fut in [record.future, *record.children]:
+                    if fut is not None and not fut.done():
+                        fut._finish(exception=exc)
+
+    def _submit(self, record: _JobRecord) -> None:
+        provider = self.core.provider
+        store = self.job_store(record)
+        try:
+            assert record.call is not None
+            store.write(_payload.CALL, record.call)
+            if record.inputs is not None:
+                store.write(_payload.INPUTS, record.inputs)
+            spec = JobSpec(
+                job_id=record.job_id,
+                job_url=store.url,
+                name=record.name,
+                settings=record.settings,
+                array_size=record.size,
+                command=provider.command_for(store.url, array=record.is_array),
+            )
+            try:
+                record.ref = provider.submit(spec)
+            except CloudExecError:
+                raise
+            except Exception as exc:
+                raise SubmissionError(
+                    f"the {provider.name} provider did not accept job {record.job_id}: {type(exc).__name__}: {exc}",
+                    job_id=record.job_id,
+                ) from exc
+        except BaseException:
+            # Nothing half-written: the job never reached the provider.
+            try:
+                store.delete("")
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+        record.call = record.inputs = None  # free the client's memory
+        store.write(_payload.MANIFEST, json.dumps(record.manifest(provider.name), indent=1).encode())
+        if record.future is not None and record.future.cancelled():
+            # cancel() ran while we were submitting: it could not reach the job then.
+            try:
+                provider.cancel(record.ref, CANCEL_REASON)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("cloudexec: could not cancel job %s: %s", record.job_id, exc)
+
+    # -- poll ------------------------------------------------------------------
+    def _poll(self) -> bool:
+        with self.cond:
+            records = [r for r in self.inflight.values() if r.ref is not None]
+        if not records:
+            return False
+        provider = self.core.provider
+        try:
+            infos = provider.describe([r.ref for r in records if r.ref is not None])
+        except Exception as exc:  # noqa: BLE001 - a passing API fault must not kill the poller
+            log.warning("cloudexec: describing %d jobs failed (will retry): %s", len(records), exc)
+            return False
+        changed = False
+        for record in records:
+            try:
+                changed |= self._update(record, infos.get(record.ref or ""))
+            except Exception as exc:  # noqa: BLE001
+                log.warning("cloudexec: updating job %s failed (will retry): %s", record.job_id, exc)
+        return changed
+
+    def _drop(self, record: _JobRecord) -> None:
+        with self.cond:
+            self.inflight.pop(record.job_id, None)
+            self._job_stores.pop(record.job_id, None)
+            self.cond.notify_all()
+
+    def _update(self, record: _JobRecord, info: JobInfo | None) -> bool:
+        future = record.future
+        assert future is not None
+        if future.cancelled():
+            self._drop(record)
+            return True
+        if info is None:
+            return self._update_unknown(record)
+        record.missing_polls = 0
+        record.first_missing = None
+        old = future._info
+        future._set_info(info)
+        changed = old is None or old.status != info.status or old.status_counts != info.status_counts
+        if info.status is not None and info.status.phase is not Phase.QUEUED:
+            future._mark_running()
+        if record.is_array:
+            changed |= self._collect_children(record, final=info.terminal)
+            if info.terminal:
+                self._drop(record)
+        elif info.terminal:
+            self._finish_single(record, info)
+            self._drop(record)
+            changed = True
+        return changed
+
+    def _update_unknown(self, record: _JobRecord) -> bool:
+        """The provider does not know the job: expired metadata, or not visible yet."""
+        record.missing_polls += 1
+        if record.first_missing is None:
+            record.first_missing = time.monotonic()
+        store = self.job_store(record)
+        if record.is_array:
+            self._collect_children(record, final=False, accept_errors=True)
+            if all(c.done() for c in record.children):
+                self._drop(record)
+                return True
+        elif store.exists(_payload.RESULT):
+            self._finish_single(record, None)
+            self._drop(record)
+            return True
+        waited = time.monotonic() - record.first_missing
+        if record.missing_polls >= _MISSING_POLLS and waited >= _MISSING_S:
+            if record.is_array:
+                self._collect_children(record, final=True, infos=[])
+            else:
+                assert record.future is not None
+                record.future._finish(exception=job_failed(record, None, None, self.core.provider))
+            self._drop(record)
+            return True
+        return False
+
+    def _read_outcomes(self, store: Store, key: str) -> list[Any] | BaseException | None:
+        try:
+            data = store.read(key)
+        except FileNotFoundError:
+            return None
+        try:
+            _, outcomes = _payload.unpack(data, where="client")
+            return list(outcomes)
+        except CloudExecError as exc:
+            return exc
+
+    def _finish_single(self, record: _JobRecord, info: JobInfo | None) -> None:
+        future = record.future
+        assert future is not None
+        outcomes = self._read_outcomes(self.job_store(record), _payload.RESULT)
+        if isinstance(outcomes, BaseException):
+            future._finish(exception=outcomes)
+        elif outcomes:
+            future._outcomes = outcomes
+            try:
+                value = _payload.raise_or_return(outcomes)
+            except BaseException as exc:  # noqa: BLE001 - the user's exception, re-raised by result()
+                future._finish(exception=exc)
+            else:
+                future._finish(result=value)
+        else:
+            future._finish(exception=job_failed(record, None, info, self.core.provider))
+
+    def _collect_children(
+        self,
+        record: _JobRecord,
+        *,
+        final: bool,
+        accept_errors: bool = False,
+        infos: list[JobInfo | None] | None = None,
+    ) -> bool:
+        """Set the futures of children whose result objects appeared.
+
+        A failed child's result is taken only once the array ended
+        (``final``): until then a retry may still replace it.
+        """
+        store = self.job_store(record)
+        changed = False
+        names = store.list(_payload.RESULTS_DIR)
+        for name in names:
+            stem = name[:-4] if name.endswith(".pkl") else None
+            if stem is None or not stem.isdigit():
+                continue
+            index = int(stem)
+            if index in record.children_done or index >= len(record.children):
+                continue
+            outcomes = self._read_outcomes(store, f"{_payload.RESULTS_DIR}/{name}")
+            if outcomes is None:
+                continue
+            if isinstance(outcomes, list) and not (final or accept_errors) and any(o[0] != "ok" for o in outcomes):
+                continue
+            self._finish_child(record, index, outcomes)
+            changed = True
+        if final:
+            missing = [i for i in range(len(record.children)) if i not in record.children_done]
+            if missing:
+                if infos is None:
+                    infos = self.core.describe_children(record) or []
+                for index in missing:
+                    child_info = infos[index] if index < len(infos) else None
+                    child = record.children[index]
+                    if child_info is not None:
+                        child._set_info(child_info)
+                    error = job_failed(record, index, child_info, self.core.provider)
+                    self._finish_child(record, index, error)
+                changed = True
+        if changed and len(record.children_done) == len(record.children):
+            self._finish_array(record)
+        return changed
+
+    def _finish_child(self, record: _JobRecord, index: int, outcomes: list[Any] | BaseException) -> None:
+        record.children_done.add(index)
+        child = record.children[index]
+        if isinstance(outcomes, BaseException):
+            child._finish(exception=outcomes)
+            return
+        child._outcomes = outcomes
+        try:
+            if record.chunksize == 1:
+                value: Any = _payload.outcome_value(outcomes[0])
+            else:
+                value = [_payload.outcome_value(o) for o in outcomes]
+        except BaseException as exc:  # noqa: BLE001
+            child._finish(exception=exc)
+        else:
+            child._finish(result=value)
+
+    def _finish_array(self, record: _JobRecord) -> None:
+        future = record.future
+        assert isinstance(future, ArrayFuture)
+        values: list[Any] = []
+        for child in record.children:
+            if child.cancelled():
+                future._finish(exception=CancelledError(f"child {child.job_id} was cancelled"))
+                return
+            if child._outcomes is None:
+                exc = child.exception(0)
+                assert exc is not None
+                future._finish(exception=exc)
+                return
+            for outcome in child._outcomes:
+                if outcome[0] != "ok":
+                    future._finish(exception=child.exception(0))
+                    return
+                values.append(outcome[1])
+        future._finish(result=values)
+

@@ -1,0 +1,228 @@
+"""The seam where a batch service plugs into `BatchExecutor`.
+
+A provider is a small object that speaks one service's API. The generic
+executor (`cloudexec._base`) knows nothing of AWS or Azure: it writes a
+job's call to storage, hands the provider a `JobSpec` to submit, asks it about
+many jobs per call with `Provider.describe`, and turns the answers
+(`JobInfo`) into future states. A provider implements:
+
+====================  ======================================================
+``submit``            start one job (single, or array of ``spec.array_size``)
+``describe``          status of many jobs in one go (bulk API calls)
+``describe_children`` status of every child of one array job
+``cancel``            cancel/terminate a job or one array child
+``read_log``          a job's stdout or stderr
+``status_enum``       its `JobStatus` table: native state names → `Phase`
+====================  ======================================================
+
+Missing verbs fail at construction (``abc``), never at first call.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from cloudexec.settings import COMMON_SETTINGS, JobSettings
+
+__all__ = ["Phase", "JobStatus", "JobSpec", "JobInfo", "Provider"]
+
+
+class Phase(enum.Enum):
+    """Where a job is in its life, whatever the provider calls it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the job has ended."""
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class JobStatus(str, enum.Enum):
+    """Base of each provider's status enum.
+
+    Members keep the provider's own state names as their values (so
+    ``AWSJobStatus.RUNNABLE == "RUNNABLE"``) and carry the generic `Phase`.
+    Declare members as ``NAME = ("ProviderName", Phase.X)``.
+    """
+
+    phase: Phase
+
+    def __new__(cls, value: str, phase: Phase) -> JobStatus:
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.phase = phase
+        return obj
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    @classmethod
+    def parse(cls, value: str) -> Any:
+        """The member whose provider state name is ``value`` (ValueError if none)."""
+        member = cls._value2member_map_.get(value)
+        if member is None:
+            raise ValueError(f"{value!r} is not a {cls.__name__}; known: {', '.join(m.value for m in cls)}")
+        return member
+
+    @property
+    def terminal(self) -> bool:
+        """Whether this status ends the job."""
+        return self.phase.terminal
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a provider needs to submit one job.
+
+    Attributes:
+        job_id: cloudexec's id of the job, unique, usable as a name by every
+            provider (letters, digits, ``-``).
+        job_url: storage URL of the job's prefix; the runner gets it as its
+            argument.
+        name: human-readable name derived from the function (providers
+            sanitise it further to their rules).
+        settings: validated, merged job settings.
+        array_size: number of children for an array job, ``None`` for a
+            single job.
+        command: the runner's argv inside the container (``python -m
+            cloudexec.runner <job_url>`` plus ``--array`` for arrays).
+        environment: extra environment variables for the runner.
+    """
+
+    job_id: str
+    job_url: str
+    name: str
+    settings: JobSettings
+    array_size: int | None
+    command: tuple[str, ...]
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class JobInfo:
+    """What a provider knows about a job (or an array child) right now.
+
+    Any field the provider no longer knows (metadata expired) is ``None``.
+
+    Attributes:
+        status: the provider's status (a member of its `JobStatus` enum).
+        exit_code: the container's exit code, once known.
+        status_reason: the provider's explanation of the current status.
+        provider_job_id: the provider's id for this job or child.
+        attempts: attempts made so far.
+        status_counts: arrays only: children per status name.
+        extra: provider-specific properties (``provider_task_id``, log
+            stream names, …), merged into ``future.properties()``.
+    """
+
+    status: JobStatus | None = None
+    exit_code: int | None = None
+    status_reason: str | None = None
+    provider_job_id: str | None = None
+    attempts: int | None = None
+    status_counts: dict[str, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the status ends the job."""
+        return self.status is not None and self.status.terminal
+
+
+class Provider(ABC):
+    """One batch service. Subclass it and implement the abstract verbs.
+
+    Class attributes:
+        name: short name used in manifests (``"aws"``, ``"azure"``, ``"local"``).
+        status_enum: the provider's `JobStatus` subclass.
+        settings: job settings it honours (a superset of the common ones).
+        max_array_size: the largest array one ``submit`` takes (``None``: no limit).
+        poll_interval_s: (first, longest) pause between polls; the poller backs
+            off from the first to the longest while nothing changes.
+        default_max_workers: jobs in flight when ``max_workers`` is not given.
+    """
+
+    name: ClassVar[str]
+    status_enum: ClassVar[type[JobStatus]]
+    settings: ClassVar[frozenset[str]] = COMMON_SETTINGS
+    poll_interval_s: ClassVar[tuple[float, float]] = (1.0, 15.0)
+    default_max_workers: ClassVar[int] = 1000
+
+    def validate_settings(self, settings: JobSettings) -> None:
+        """Reject settings this provider cannot honour (ValueError/TypeError).
+
+        Called once per `with_settings`/construction, before anything is
+        submitted. The default accepts everything `settings` lists.
+        """
+
+    def command_for(self, job_url: str, *, array: bool) -> tuple[str, ...]:
+        """The runner command line to run inside the provider's container."""
+        cmd = ("python", "-m", "cloudexec.runner", job_url)
+        return cmd + ("--array",) if array else cmd
+
+    @abstractmethod
+    def submit(self, spec: JobSpec) -> str:
+        """Submit a job; return an opaque reference to it (stored in the manifest).
+
+        Raises:
+            SubmissionError: the provider refused the job, with its code; nothing
+                of it is left queued or running.
+        """
+
+    @abstractmethod
+    def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
+        """Describe many jobs with as few API calls as the service allows.
+
+        A job whose metadata the provider no longer has is left out of the
+        result (never an exception).
+        """
+
+    @abstractmethod
+    def describe_children(self, ref: str, size: int) -> list[JobInfo | None]:
+        """Describe every child of an array job, in index order (``None`` if unknown)."""
+
+    def describe_child(self, ref: str, size: int, index: int) -> JobInfo | None:
+        """Describe one child of an array job (default: via `describe_children`)."""
+        children = self.describe_children(ref, size)
+        return children[index] if index < len(children) else None
+
+    @abstractmethod
+    def cancel(self, ref: str, reason: str, *, index: int | None = None) -> None:
+        """Cancel or terminate a job (or one array child when ``index`` is given).
+
+        Must not raise for a job that already ended.
+        """
+
+    @abstractmethod
+    def read_log(self, ref: str, *, index: int | None = None, stream: str = "stdout") -> str | None:
+        """Return a job's (or array child's) console log, ``None`` if unavailable.
+
+        Args:
+            stream: ``"stdout"`` or ``"stderr"``. Providers that keep both in one
+                log (AWS CloudWatch) return it for ``"stdout"`` and ``None``
+                for ``"stderr"``.
+        """
+
+    def find_job_url(self, provider_job_id: str) -> str | None:
+        """Map a provider job id to the job's storage URL, for re-attach (``None`` if unknown)."""
+        return None
+
+    def failure_hint(self, info: JobInfo) -> str | None:
+        """Advice for a `JobFailedError` about a job that ended like ``info``."""
+        reason = (info.status_reason or "").lower()
+        if "outofmemory" in reason or "out of memory" in reason or "memory usage" in reason:
+            return "The job ran out of memory: ask for more with executor.with_settings(memory='8 GiB')."
+        if "timeout" in reason or "wall clock" in reason or "duration exceeded" in reason:
+            return "The job ran past its time limit: raise it with executor.with_settings(timeout=...)."
+        return None
+
+    def close(self) -> None:
+        """Release clients, threads and processes. Called once, at shutdown."""

@@ -1,0 +1,192 @@
+"""Where calls and results live: a thin key/value view over a folder URL.
+
+The runner's cold start matters (every job pays it), so local folders
+(``file://`` and plain paths) are served with ``os`` alone and fsspec, with
+its protocol drivers (s3fs, adlfs), is imported only for other URLs.
+
+Writes are atomic for every reader: locally through a temporary file and
+``os.replace``; on object stores a single PUT already publishes an object whole.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from cloudexec.errors import StorageError
+
+__all__ = ["Store", "open_store", "is_local_url", "local_path"]
+
+
+class Store(Protocol):
+    """A folder of objects addressed by ``/``-separated keys relative to ``url``."""
+
+    url: str
+
+    def write(self, key: str, data: bytes) -> None:
+        """Publish ``data`` under ``key`` atomically, replacing any older object."""
+
+    def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Read the object (or the byte range ``[start, end)``); FileNotFoundError if absent."""
+
+    def exists(self, key: str) -> bool:
+        """Whether an object exists under ``key``."""
+
+    def list(self, prefix: str) -> list[str]:
+        """Names (not keys) of the objects directly below folder ``prefix``; [] if none."""
+
+    def delete(self, prefix: str) -> None:
+        """Delete the object or folder ``prefix`` and everything below it; no error if absent."""
+
+    def child(self, key: str) -> Store:
+        """A store rooted at the sub-folder ``key``."""
+
+
+def is_local_url(url: str) -> bool:
+    """Whether ``url`` names a folder on this machine (``file://`` or a plain path)."""
+    scheme = urlparse(url).scheme
+    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
+def local_path(url: str) -> str:
+    """The filesystem path behind a local URL."""
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    return url
+
+
+class LocalStore:
+    """`Store` over a local folder using only ``os``."""
+
+    def __init__(self, url: str) -> None:
+        self.path = os.path.abspath(local_path(url))
+        self.url = "file://" + self.path
+
+    def _p(self, key: str) -> str:
+        return os.path.join(self.path, *key.split("/")) if key else self.path
+
+    def write(self, key: str, data: bytes) -> None:
+        target = self._p(key)
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        # Same-folder temporary file so that os.replace is an atomic rename.
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+
+    def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        with open(self._p(key), "rb") as fh:
+            if start is None and end is None:
+                return fh.read()
+            fh.seek(start or 0)
+            return fh.read(-1 if end is None else end - (start or 0))
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._p(key))
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            return [n for n in os.listdir(self._p(prefix)) if not n.startswith(".tmp-")]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def delete(self, prefix: str) -> None:
+        import shutil
+
+        target = self._p(prefix)
+        if os.path.isdir(target):
+            shutil.rmtree(target, ignore_errors=True)
+        elif os.path.exists(target):
+            os.remove(target)
+
+    def child(self, key: str) -> LocalStore:
+        return LocalStore(self._p(key))
+
+
+class FsspecStore:
+    """`Store` over any fsspec filesystem (s3fs, adlfs, memory, …)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, fs: Any = None) -> None:
+        import fsspec.core
+
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        if fs is None:
+            fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        else:
+            path = fs._strip_protocol(self.url)
+        self.fs = fs
+        self.root = path.rstrip("/")
+
+    def _p(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def write(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(self._p(key), data)
+
+    def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        data: bytes = self.fs.cat_file(self._p(key), start=start, end=end)
+        return data
+
+    def exists(self, key: str) -> bool:
+        path = self._p(key)
+        self.fs.invalidate_cache(path)
+        return bool(self.fs.exists(path))
+
+    def list(self, prefix: str) -> list[str]:
+        path = self._p(prefix)
+        # Listings are cached by s3fs/adlfs; a poller must see new objects.
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+
+    def delete(self, prefix: str) -> None:
+        path = self._p(prefix)
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(path)
+
+    def child(self, key: str) -> FsspecStore:
+        return FsspecStore(f"{self.url}/{key}", self.storage_options, fs=self.fs)
+
+
+def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
+    """Open the folder ``url`` as a `Store`.
+
+    Args:
+        url: ``file://``/plain path, or any fsspec URL (``s3://``, ``az://``,
+            ``memory://``).
+        storage_options: keyword arguments for the fsspec filesystem.
+
+    Raises:
+        StorageError: no fsspec driver can open the URL (its message says
+            which package to install).
+    """
+    if is_local_url(url) and not storage_options:
+        return LocalStore(url)
+    try:
+        return FsspecStore(url, storage_options)
+    except ImportError as exc:
+        raise StorageError(
+            f"cannot open storage {url!r}: {exc}. Install the driver for this URL "
+            "(pip install 'cloudexec[aws]' for s3://, 'cloudexec[azure]' for az://)."
+        ) from exc
+
+
+def new_token() -> str:
+    """A short random token for unique names."""
+    return uuid.uuid4().hex[:10]
+
+
+def make_temp_root() -> str:
+    """A fresh private temporary folder, as a ``file://`` URL."""
+    return "file://" + tempfile.mkdtemp(prefix="cloudexec-")

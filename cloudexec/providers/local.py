@@ -1,0 +1,755 @@
+"""`LocalBatchExecutor`: the batch lifecycle on this machine, no cloud needed.
+
+Jobs run as separate OS processes through the same runner the cloud
+containers use (``python -m cloudexec.runner``), with the cloud-like status
+sequence Submitted → Runnable → Running → Succeeded/Failed, stdout and stderr
+captured per job, vCPU-aware packing onto a fixed number of vCPUs, the memory
+limit enforced (a job whose resident memory exceeds it is killed with
+AWS's ``OutOfMemoryError: Container killed due to memory usage``), and
+timeouts and retries honoured.
+
+A single job is one ``python -m cloudexec.runner <job-url>`` process. An
+array job gets one *fork server* (``runner --serve``) that loads the call once
+and forks one process per child on request, so children still run in
+separate processes (own memory limit, own kill, own exit code) without paying
+an interpreter start-up each; that is what keeps a 1,000-item local ``map``
+within a small factor of ``ProcessPoolExecutor``. POSIX only.
+
+When ``io_root`` is a local folder, each job's prefix also holds
+``local.json`` (its last known state) and ``logs/``, so another process can
+re-attach to it by id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import IO, Any
+
+from cloudexec import _payload
+from cloudexec._base import BatchExecutor
+from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
+from cloudexec._storage import LocalStore, is_local_url, local_path, make_temp_root, open_store
+from cloudexec.errors import SubmissionError
+from cloudexec.settings import COMMON_SETTINGS, JobSettings
+
+__all__ = ["LocalBatchExecutor", "LocalJobStatus", "LocalProvider"]
+
+OOM_REASON = "OutOfMemoryError: Container killed due to memory usage"
+LOST_REASON = "the client process that scheduled this local job exited before it could finish; resubmit it"
+_KILLED_EXIT = 128 + signal.SIGKILL  # what a container runtime reports for SIGKILL
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_SAMPLE_S = 0.02  # resident-memory sampling period while a memory limit applies
+
+
+class LocalJobStatus(JobStatus):
+    """Statuses of local jobs, named like AWS Batch's (in title case)."""
+
+    SUBMITTED = ("Submitted", Phase.QUEUED)
+    RUNNABLE = ("Runnable", Phase.QUEUED)
+    RUNNING = ("Running", Phase.RUNNING)
+    SUCCEEDED = ("Succeeded", Phase.SUCCEEDED)
+    FAILED = ("Failed", Phase.FAILED)
+
+
+S = LocalJobStatus
+
+
+class _Task:
+    """A single job or one array child: what the scheduler starts and watches."""
+
+    __slots__ = (
+        "job",
+        "index",
+        "status",
+        "attempts",
+        "exit_code",
+        "reason",
+        "pid",
+        "proc",
+        "started",
+        "kill_reason",
+        "history",
+    )
+    pid: int | None
+
+    def __init__(self, job: _LocalJob, index: int | None) -> None:
+        self.job = job
+        self.index = index
+        self.status = S.SUBMITTED
+        self.attempts = 0
+        self.exit_code: int | None = None
+        self.reason: str | None = None
+        self.pid: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started: float | None = None
+        self.kill_reason: str | None = None
+        self.history: list[str] = [S.SUBMITTED.value]
+
+    def set(self, status: LocalJobStatus) -> None:
+        self.status = status
+        self.history.append(status.value)
+
+    def info(self) -> JobInfo:
+        return JobInfo(
+            status=self.status,
+            exit_code=self.exit_code,
+            status_reason=self.reason,
+            provider_job_id=self.job.job_id if self.index is None else f"{self.job.job_id}:{self.index}",
+            attempts=self.attempts,
+            extra={"status_history": list(self.history), "pid": self.pid},
+        )
+
+    def log_path(self, stream: str) -> str:
+        name = "job" if self.index is None else str(self.index)
+        return os.path.join(self.job.log_dir, f"{name}.{'out' if stream == 'stdout' else 'err'}")
+
+
+class _LocalJob:
+    def __init__(self, spec: JobSpec, state_dir: str, env: dict[str, str]) -> None:
+        self.job_id = spec.job_id
+        self.spec = spec
+        self.vcpus = spec.settings.vcpus or 1
+        self.memory_mib = spec.settings.memory_mib
+        self.timeout_s = spec.settings.timeout_s
+        self.max_attempts = (spec.settings.retries or 0) + 1
+        self.dir = os.path.join(state_dir, spec.job_id)
+        self.log_dir = os.path.join(self.dir, "logs")
+        self.work_dir = os.path.join(self.dir, "work")
+        os.makedirs(self.log_dir, exist_ok=True)
+        os.makedirs(self.work_dir, exist_ok=True)
+        self.env = env
+        self.is_array = spec.array_size is not None
+        self.tasks = [_Task(self, i) for i in range(spec.array_size or 0)] if self.is_array else [_Task(self, None)]
+        self.runnable: deque[_Task] = deque()
+        self.workers: list[_Worker] = []
+        self.skip: set[int | None] = set()  # children withdrawn from a worker's pipe
+        self.persisted: str | None = None
+
+    def status(self) -> LocalJobStatus:
+        statuses = [t.status for t in self.tasks]
+        if all(s.terminal for s in statuses):
+            return S.SUCCEEDED if all(s is S.SUCCEEDED for s in statuses) else S.FAILED
+        if any(s is S.RUNNING for s in statuses) or any(s.terminal for s in statuses):
+            return S.RUNNING
+        if any(s is S.RUNNABLE for s in statuses):
+            return S.RUNNABLE
+        return S.SUBMITTED
+
+    def info(self) -> JobInfo:
+        if not self.is_array:
+            return self.tasks[0].info()
+        status = self.status()
+        counts: dict[str, int] = {s.value: 0 for s in S}
+        for task in self.tasks:
+            counts[task.status.value] += 1
+        failed = counts[S.FAILED.value]
+        reason = f"{failed} of {len(self.tasks)} array children failed" if status is S.FAILED else None
+        return JobInfo(status=status, status_reason=reason, provider_job_id=self.job_id, status_counts=counts)
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# Children queued to one warm worker beyond the one it runs: hides the round
+# trip between a child's end and the next child's start.
+_PIPELINE = 2
+
+
+class _Worker:
+    """A warm ``runner --serve`` process running one array job's children in turn."""
+
+    def __init__(self, job: _LocalJob, proc: subprocess.Popen[bytes]) -> None:
+        self.job = job
+        self.proc = proc
+        self.pid = proc.pid
+        self.assigned: deque[_Task] = deque()  # sent to it and not ended; the first may run
+        self.retired = False  # told to stop; its vCPUs were given back
+
+    def send(self, task: _Task) -> None:
+        assert self.proc.stdin is not None
+        self.assigned.append(task)
+        line = f"run {task.index} {task.log_path('stdout')} {task.log_path('stderr')}\n"
+        self.proc.stdin.write(line.encode())
+        self.proc.stdin.flush()
+
+    def retire(self, scheduler: _Scheduler) -> None:
+        """Stop taking children and give the vCPUs back (once)."""
+        if self.retired:
+            return
+        self.retired = True
+        scheduler.free_vcpus += self.job.vcpus
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()  # EOF: the worker exits after its current child
+        except OSError:
+            pass
+
+
+class _Scheduler:
+    """A tiny batch service: a FIFO of jobs, a fixed pool of vCPUs, watched processes."""
+
+    def __init__(self, max_vcpus: int) -> None:
+        self.max_vcpus = max_vcpus
+        self.free_vcpus = max_vcpus
+        self.cond = threading.Condition()
+        self.jobs: dict[str, _LocalJob] = {}
+        self.queue: deque[_LocalJob] = deque()  # jobs with runnable tasks, FIFO
+        self.running: set[_Task] = set()
+        self.events: deque[tuple[str, Any]] = deque()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="cloudexec-local-scheduler", daemon=True)
+        self.thread.start()
+
+    # -- requests ------------------------------------------------------------
+    def add(self, job: _LocalJob) -> None:
+        with self.cond:
+            self.jobs[job.job_id] = job
+            for task in job.tasks:
+                task.set(S.RUNNABLE)
+                job.runnable.append(task)
+            self.queue.append(job)
+            self._after_change(job)
+            self.cond.notify_all()
+
+    def cancel(self, job: _LocalJob, reason: str, index: int | None) -> None:
+        with self.cond:
+            tasks = job.tasks if index is None else [job.tasks[index]]
+            for task in tasks:
+                if task.status in (S.SUBMITTED, S.RUNNABLE):
+                    self._unqueue(task)
+                    task.reason = reason
+                    task.set(S.FAILED)
+                elif task.status is S.RUNNING:
+                    task.kill_reason = reason
+                    self._kill(task)
+            self._after_change(job)
+            self.cond.notify_all()
+
+    def _unqueue(self, task: _Task) -> None:
+        try:
+            task.job.runnable.remove(task)
+        except ValueError:
+            pass
+        for worker in task.job.workers:
+            if task in worker.assigned and task is not worker.assigned[0]:
+                # Queued in a worker's pipe: it would still run, so replace the
+                # worker's future by retiring it once its current child ends.
+                worker.assigned.remove(task)
+                task.job.skip.add(task.index)
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            for task in list(self.running):
+                self._kill(task)
+            for job in self.jobs.values():
+                for worker in job.workers:
+                    _kill_group(worker.pid)
+            self.cond.notify_all()
+        self.thread.join(timeout=5)
+
+    # -- the loop --------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                if self.closed:
+                    return
+                self._handle_events()
+                self._start_tasks()
+                timeout = self._watch()
+                if not self.events:
+                    self.cond.wait(timeout)
+
+    def _event(self, kind: str, payload: Any) -> None:
+        with self.cond:
+            self.events.append((kind, payload))
+            self.cond.notify_all()
+
+    def _handle_events(self) -> None:
+        while self.events:
+            kind, payload = self.events.popleft()
+            if kind == "exit":
+                task, code = payload
+                self._task_exited(task, code)
+            elif kind == "wstart":
+                worker, index = payload
+                self._worker_started(worker, index)
+            elif kind == "wexit":
+                worker, index, code = payload
+                if worker.assigned and worker.assigned[0].index == index:
+                    worker.assigned.popleft()
+                if index in worker.job.skip:
+                    worker.job.skip.discard(index)
+                else:
+                    self._task_exited(worker.job.tasks[index], code)
+                self._maybe_retire(worker)
+            elif kind == "weof":
+                self._worker_gone(payload)
+
+    def _start_tasks(self) -> None:
+        for job in list(self.queue):
+            while job.runnable:
+                task = job.runnable[0]
+                if job.is_array:
+                    worker = next((w for w in job.workers if not w.retired and len(w.assigned) < _PIPELINE), None)
+                    if worker is None and job.vcpus <= self.free_vcpus:
+                        worker = self._spawn_worker(job)
+                    if worker is None:
+                        break
+                    job.runnable.popleft()
+                    worker.send(task)
+                    continue
+                if job.vcpus > self.free_vcpus:
+                    break
+                job.runnable.popleft()
+                self.free_vcpus -= job.vcpus
+                try:
+                    self._launch_single(task)
+                except Exception as exc:  # noqa: BLE001 - report it as the job's failure
+                    self.free_vcpus += job.vcpus
+                    task.reason = f"CannotStartContainerError: {type(exc).__name__}: {exc}"
+                    task.set(S.FAILED)
+                    self._after_change(job)
+            if not job.runnable:
+                self.queue.remove(job)
+            if self.free_vcpus <= 0:
+                break
+
+    def _begin(self, task: _Task, pid: int) -> None:
+        task.attempts += 1
+        task.kill_reason = task.kill_reason if task.status is S.RUNNING else None
+        task.exit_code = None
+        task.reason = None
+        task.pid = pid
+        task.started = time.monotonic()
+        task.set(S.RUNNING)
+        self.running.add(task)
+        self._after_change(task.job)
+
+    def _launch_single(self, task: _Task) -> None:
+        job = task.job
+        with open(task.log_path("stdout"), "wb") as out, open(task.log_path("stderr"), "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cloudexec.runner", job.spec.job_url],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=job.work_dir,
+                env=job.env,
+                start_new_session=True,  # own process group: a kill reaches its subprocesses
+            )
+        self._begin(task, proc.pid)
+        threading.Thread(target=self._wait_proc, args=(task, proc), daemon=True).start()
+
+    def _wait_proc(self, task: _Task, proc: subprocess.Popen[bytes]) -> None:
+        code = proc.wait()
+        self._event("exit", (task, _KILLED_EXIT if code < 0 else code))
+
+    def _spawn_worker(self, job: _LocalJob) -> _Worker | None:
+        read_fd, write_fd = os.pipe()
+        try:
+            with open(os.path.join(job.log_dir, "worker.log"), "ab") as worker_log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "cloudexec.runner", job.spec.job_url, "--serve", "--control-fd", str(write_fd)],
+                    stdin=subprocess.PIPE,
+                    stdout=worker_log,
+                    stderr=worker_log,
+                    cwd=job.work_dir,
+                    env=job.env,
+                    pass_fds=(write_fd,),
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            os.close(read_fd)
+            os.close(write_fd)
+            for task in list(job.runnable):
+                job.runnable.remove(task)
+                task.reason = f"CannotStartContainerError: {exc}"
+                task.set(S.FAILED)
+            self._after_change(job)
+            return None
+        os.close(write_fd)
+        worker = _Worker(job, proc)
+        job.workers.append(worker)
+        self.free_vcpus -= job.vcpus
+        control = os.fdopen(read_fd, "r")
+        threading.Thread(target=self._read_worker, args=(worker, control), daemon=True).start()
+        return worker
+
+    def _read_worker(self, worker: _Worker, control: IO[str]) -> None:
+        for line in control:
+            parts = line.split()
+            if parts[0] == "start":
+                self._event("wstart", (worker, int(parts[1])))
+            elif parts[0] == "exit":
+                self._event("wexit", (worker, int(parts[1]), int(parts[2])))
+        control.close()
+        worker.proc.wait()
+        self._event("weof", worker)
+
+    def _worker_started(self, worker: _Worker, index: int) -> None:
+        task = worker.job.tasks[index]
+        if index in worker.job.skip:
+            return
+        self._begin(task, worker.pid)
+        if task.kill_reason is not None:  # cancelled before it started
+            self._kill(task)
+
+    def _worker_gone(self, worker: _Worker) -> None:
+        """A worker ended: by EOF when retired, or killed (timeout, memory, cancel)."""
+        worker.retire(self)
+        job = worker.job
+        if worker in job.workers:
+            job.workers.remove(worker)
+        requeue: list[_Task] = []
+        for task in worker.assigned:
+            if task.status is S.RUNNING and task in self.running:
+                self._task_exited(task, _KILLED_EXIT)
+            elif task.index in job.skip:
+                job.skip.discard(task.index)
+            else:
+                requeue.append(task)
+        worker.assigned.clear()
+        if requeue:
+            job.runnable.extendleft(reversed(requeue))
+            if job not in self.queue:
+                self.queue.append(job)
+
+    def _maybe_retire(self, worker: _Worker) -> None:
+        job = worker.job
+        if not worker.assigned and not job.runnable:
+            worker.retire(self)
+
+    def _kill(self, task: _Task) -> None:
+        if task.pid:
+            _kill_group(task.pid)
+
+    def _task_exited(self, task: _Task, code: int) -> None:
+        if task not in self.running:
+            return
+        self.running.discard(task)
+        job = task.job
+        if not job.is_array:
+            self.free_vcpus += job.vcpus
+        task.exit_code = code
+        if task.kill_reason is not None:
+            task.reason = task.kill_reason
+            task.exit_code = _KILLED_EXIT
+        elif code != 0:
+            task.reason = "Essential container in task exited"
+        if code == 0 and task.kill_reason is None:
+            task.set(S.SUCCEEDED)
+        elif task.attempts < job.max_attempts and not (task.kill_reason or "").startswith("Terminated"):
+            task.set(S.RUNNABLE)
+            job.runnable.append(task)
+            if job not in self.queue:
+                self.queue.append(job)
+        else:
+            task.set(S.FAILED)
+        self._after_change(job)
+
+    def _after_change(self, job: _LocalJob) -> None:
+        status = job.status()
+        if status.terminal:
+            for worker in job.workers:
+                worker.retire(self)
+        if job.persisted != status.value:
+            job.persisted = status.value
+            _persist(job)
+
+    def _watch(self) -> float | None:
+        """Enforce timeouts and memory limits; return how long to sleep."""
+        now = time.monotonic()
+        wake: float | None = None
+        for task in list(self.running):
+            job = task.job
+            if task.kill_reason is not None or task.pid is None:
+                continue
+            if job.timeout_s is not None and task.started is not None:
+                left = task.started + job.timeout_s - now
+                if left <= 0:
+                    task.kill_reason = f"Job attempt duration exceeded timeout ({job.timeout_s:g} s)"
+                    self._kill(task)
+                    continue
+                wake = left if wake is None else min(wake, left)
+            if job.memory_mib is not None:
+                if _rss_bytes(task.pid) > job.memory_mib * 1024 * 1024:
+                    task.kill_reason = OOM_REASON
+                    self._kill(task)
+                    continue
+                wake = _SAMPLE_S if wake is None else min(wake, _SAMPLE_S)
+        return wake
+
+
+def _persist(job: _LocalJob) -> None:
+    """Record the job's state next to it, for re-attach from another process."""
+    status = job.status()
+    state: dict[str, Any] = {"status": status.value, "owner": os.getpid(), "array": job.is_array}
+    if not job.is_array:
+        task = job.tasks[0]
+        state.update(exit_code=task.exit_code, reason=task.reason, attempts=task.attempts, pid=task.pid)
+    elif status.terminal:
+        state["children"] = [[t.status.value, t.exit_code, t.reason, t.attempts] for t in job.tasks]
+    try:
+        LocalStore(job.dir).write("local.json", json.dumps(state).encode())
+    except OSError:
+        pass
+
+
+class LocalProvider(Provider):
+    """Runs jobs as local processes. See the module docstring."""
+
+    name = "local"
+    status_enum = LocalJobStatus
+    settings = COMMON_SETTINGS
+    poll_interval_s = (0.01, 0.25)
+
+    def __init__(self, *, state_dir: str, max_vcpus: int, env: dict[str, str] | None = None) -> None:
+        self.state_dir = state_dir
+        self.max_vcpus = max_vcpus
+        self.env = dict(os.environ if env is None else env)
+        self._scheduler: _Scheduler | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def scheduler(self) -> _Scheduler:
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = _Scheduler(self.max_vcpus)
+            return self._scheduler
+
+    def validate_settings(self, settings: JobSettings) -> None:
+        if settings.vcpus is not None and settings.vcpus > self.max_vcpus:
+            raise ValueError(
+                f"vcpus={settings.vcpus} is more than this LocalBatchExecutor has ({self.max_vcpus}); "
+                f"ask for at most {self.max_vcpus} or create it with max_vcpus={settings.vcpus}"
+            )
+        if settings.gpus:
+            raise ValueError(
+                f"gpus={settings.gpus}: LocalBatchExecutor cannot give jobs GPUs; "
+                "leave gpus unset locally and ask for them on AWSBatchExecutor"
+            )
+
+    def submit(self, spec: JobSpec) -> str:
+        if sys.platform == "win32":
+            raise SubmissionError("LocalBatchExecutor needs a POSIX system (fork, process groups)")
+        env = dict(self.env)
+        env["CLOUDEXEC_JOB_ID"] = spec.job_id
+        env.update(spec.environment)
+        job = _LocalJob(spec, self.state_dir, env)
+        self.scheduler.add(job)
+        return spec.job_id
+
+    def _job(self, ref: str) -> _LocalJob | None:
+        scheduler = self._scheduler
+        return scheduler.jobs.get(ref) if scheduler is not None else None
+
+    def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
+        out: dict[str, JobInfo] = {}
+        scheduler = self._scheduler
+        for ref in refs:
+            job = self._job(ref)
+            if job is not None and scheduler is not None:
+                with scheduler.cond:
+                    out[ref] = job.info()
+            else:
+                info = self._describe_foreign(ref)
+                if info is not None:
+                    out[ref] = info
+        return out
+
+    def describe_children(self, ref: str, size: int) -> list[JobInfo | None]:
+        job = self._job(ref)
+        if job is not None and self._scheduler is not None:
+            with self._scheduler.cond:
+                return [t.info() for t in job.tasks]
+        state = self._read_state(ref)
+        children = (state or {}).get("children")
+        if children:
+            return [
+                JobInfo(status=S.parse(c[0]), exit_code=c[1], status_reason=c[2], provider_job_id=f"{ref}:{i}", attempts=c[3])
+                for i, c in enumerate(children)
+            ]
+        return [self._foreign_from_result(ref, i) for i in range(size)]
+
+    def describe_child(self, ref: str, size: int, index: int) -> JobInfo | None:
+        job = self._job(ref)
+        if job is not None and self._scheduler is not None:
+            with self._scheduler.cond:
+                return job.tasks[index].info() if index < len(job.tasks) else None
+        return super().describe_child(ref, size, index)
+
+    def cancel(self, ref: str, reason: str, *, index: int | None = None) -> None:
+        job = self._job(ref)
+        if job is not None:
+            self.scheduler.cancel(job, reason, index)
+
+    def read_log(self, ref: str, *, index: int | None = None, stream: str = "stdout") -> str | None:
+        name = "job" if index is None else str(index)
+        path = os.path.join(self.state_dir, ref, "logs", f"{name}.{'out' if stream == 'stdout' else 'err'}")
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    # -- jobs scheduled by another (perhaps dead) process -------------------
+    def _read_state(self, ref: str) -> dict[str, Any] | None:
+        try:
+            with open(os.path.join(self.state_dir, ref, "local.json"), encoding="utf-8") as fh:
+                state: dict[str, Any] = json.load(fh)
+                return state
+        except (OSError, ValueError):
+            return None
+
+    def _result_ok(self, ref: str, key: str) -> bool | None:
+        try:
+            with open(os.path.join(self.state_dir, ref, *key.split("/")), "rb") as fh:
+                header, _ = _payload.read_header(fh.read(65536 * 16))
+            return bool(header.get("ok"))
+        except (OSError, ValueError, Exception):  # noqa: BLE001
+            return None
+
+    def _foreign_from_result(self, ref: str, index: int | None) -> JobInfo | None:
+        ok = self._result_ok(ref, _payload.result_key(index))
+        if ok is None:
+            return None
+        child_id = ref if index is None else f"{ref}:{index}"
+        if ok:
+            return JobInfo(status=S.SUCCEEDED, exit_code=0, provider_job_id=child_id)
+        return JobInfo(status=S.FAILED, exit_code=1, status_reason="Essential container in task exited", provider_job_id=child_id)
+
+    def _describe_foreign(self, ref: str) -> JobInfo | None:
+        state = self._read_state(ref)
+        if state is None:
+            return None
+        status = S.parse(state["status"])
+        if not state.get("array"):
+            info = JobInfo(
+                status=status,
+                exit_code=state.get("exit_code"),
+                status_reason=state.get("reason"),
+                provider_job_id=ref,
+                attempts=state.get("attempts"),
+            )
+            if status.terminal or _pid_alive(state.get("owner")):
+                return info
+            found = self._foreign_from_result(ref, None)
+            if found is not None:
+                return found
+            if _pid_alive(state.get("pid")):
+                return JobInfo(status=S.RUNNING, provider_job_id=ref, attempts=state.get("attempts"))
+            return JobInfo(status=S.FAILED, status_reason=LOST_REASON, provider_job_id=ref)
+        if status.terminal or _pid_alive(state.get("owner")):
+            return JobInfo(status=status, provider_job_id=ref)
+        return JobInfo(status=S.FAILED, status_reason=LOST_REASON, provider_job_id=ref)
+
+    def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+
+
+class LocalBatchExecutor(BatchExecutor):
+    """Run jobs as local processes with the batch lifecycle (no cloud account needed).
+
+    Example:
+        >>> with LocalBatchExecutor(max_workers=4) as ex:      # doctest: +SKIP
+        ...     print(list(ex.map(abs, [-1, -2])))
+        [1, 2]
+
+    Args:
+        io_root: storage folder for calls and results: a local path or
+            ``file://`` URL (default: a new temporary folder), or any fsspec URL
+            that local processes can reach (not ``memory://``).
+        max_workers: jobs in flight at once (an array counts once); default the
+            number of CPUs, like ``ProcessPoolExecutor``.
+        max_vcpus: vCPUs the local "compute environment" packs jobs onto
+            (default: ``max_workers`` if given, else the number of CPUs).
+        storage_options: fsspec options for a non-local ``io_root``.
+        poll_interval_s: (first, longest) pause between status polls.
+        **settings: default job settings: ``vcpus``, ``memory``, ``timeout``,
+            ``retries``, ``job_name`` (``gpus`` cannot be honoured locally).
+
+    Raises:
+        ValueError: bad ``max_workers``, ``memory://`` storage, or a bad setting.
+        StorageError: ``io_root`` cannot be written.
+    """
+
+    def __init__(
+        self,
+        io_root: str | None = None,
+        max_workers: int | None = None,
+        *,
+        max_vcpus: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        poll_interval_s: tuple[float, float] | None = None,
+        **settings: Any,
+    ) -> None:
+        if isinstance(max_workers, int) and not isinstance(max_workers, bool) and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        cpus = os.cpu_count() or 1
+        if max_vcpus is None:
+            max_vcpus = max_workers if isinstance(max_workers, int) and not isinstance(max_workers, bool) else cpus
+        if isinstance(max_vcpus, bool) or not isinstance(max_vcpus, int) or max_vcpus <= 0:
+            raise ValueError(f"max_vcpus must be a positive int; got {max_vcpus!r}")
+        if io_root is None:
+            io_root = make_temp_root()
+        if not isinstance(io_root, str):
+            io_root = os.fspath(io_root)
+        if io_root.startswith("memory://"):
+            raise ValueError(
+                f"io_root={io_root!r}: memory:// lives inside this process, so the job processes cannot "
+                "read it; use a folder (the default is a temporary one) or a bucket URL"
+            )
+        if is_local_url(io_root) and not storage_options:
+            state_dir = os.path.abspath(local_path(io_root))
+        else:
+            open_store(io_root, storage_options)  # fail early on a bad URL
+            state_dir = local_path(make_temp_root())
+        env = dict(os.environ)
+        if storage_options:
+            env["CLOUDEXEC_STORAGE_OPTIONS"] = json.dumps(storage_options)
+        provider = LocalProvider(state_dir=state_dir, max_vcpus=max_vcpus, env=env)
+        super().__init__(
+            provider,
+            io_root,
+            storage_options=storage_options,
+            max_workers=max_workers if max_workers is not None else cpus,
+            poll_interval_s=poll_interval_s,
+            **settings,
+        )

@@ -1,0 +1,199 @@
+"""The in-container entry point: ``python -m cloudexec.runner <job-url> [--array]``.
+
+It reads the job's call from storage, runs it, writes the result (or the
+exception with its traceback) atomically, and exits 0 on success, 1 when the
+call raised, 2 when the call could not even be loaded (version mismatch,
+corrupt payload, unreachable storage).
+
+An array child finds its index, in this order, from ``--index``,
+``AWS_BATCH_JOB_ARRAY_INDEX`` (AWS Batch), ``CLOUDEXEC_ARRAY_INDEX`` (set by
+the Azure and local providers) or ``AZ_BATCH_TASK_ID`` (Azure task ids start
+at 10000001 for child 0).
+
+Cold start matters, every job pays it: this module imports only the standard
+library at top level; dill comes in to unpickle, and fsspec (with s3fs or
+adlfs) only when the job's storage is not a local folder.
+
+``--serve`` is the local provider's warm worker: it loads the call once and
+runs array children one after another on request, so a 1,000-child local
+array does not pay 1,000 interpreter start-ups (see
+`cloudexec.providers.local`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+from cloudexec import _payload
+from cloudexec._storage import Store, open_store
+
+__all__ = ["main", "run_job"]
+
+# Azure Batch task ids of array children start here (Wolfram's scheme).
+AZURE_FIRST_CHILD_TASK_ID = 10000001
+
+EXIT_OK = 0
+EXIT_CALL_FAILED = 1
+EXIT_INFRA = 2
+
+
+def _storage_options() -> dict[str, Any] | None:
+    raw = os.environ.get("CLOUDEXEC_STORAGE_OPTIONS")
+    return json.loads(raw) if raw else None
+
+
+def array_index_from_env() -> int | None:
+    """The array child index the provider gave this process, if any."""
+    for var in ("AWS_BATCH_JOB_ARRAY_INDEX", "CLOUDEXEC_ARRAY_INDEX"):
+        value = os.environ.get(var)
+        if value not in (None, ""):
+            return int(value)
+    task_id = os.environ.get("AZ_BATCH_TASK_ID")
+    if task_id and task_id.isdigit():
+        return int(task_id) - AZURE_FIRST_CHILD_TASK_ID
+    return None
+
+
+class _Loaded:
+    """A job's call, loaded once (the fork server reuses it for every child)."""
+
+    def __init__(self, store: Store, array: bool) -> None:
+        self.store = store
+        self.array = array
+        _, obj = _payload.unpack(store.read(_payload.CALL), where="runner")
+        self.fn, self.args, self.kwargs = obj
+
+    def run(self, index: int | None) -> list[Any]:
+        if index is None:
+            return [_payload.capture(self.fn, self.args, self.kwargs)]
+        raw = _payload.read_input_slice(lambda s, e: self.store.read(_payload.INPUTS, s, e), index)
+        items = _payload._dill().loads(raw)
+        return [_payload.capture(self.fn, item, {}) for item in items]
+
+
+def _infra_outcome(exc: BaseException) -> list[Any]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return [("err", exc, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb)]
+
+
+def _write_result(store: Store, index: int | None, outcomes: list[Any]) -> None:
+    store.write(_payload.result_key(index), _payload.pack_outcomes(outcomes))
+
+
+def _report(outcomes: list[Any]) -> int:
+    failed = [o for o in outcomes if o[0] != "ok"]
+    for outcome in failed:
+        # The traceback belongs in the job's own log, where users look first.
+        sys.stderr.write(f"cloudexec: the call raised:\n{outcome[4] or outcome[2] + ': ' + outcome[3]}\n")
+    sys.stderr.flush()
+    return EXIT_CALL_FAILED if failed else EXIT_OK
+
+
+def run_job(job_url: str, *, index: int | None = None, loaded: _Loaded | None = None) -> int:
+    """Run one job (or array child) and write its result; return the exit code."""
+    try:
+        store = loaded.store if loaded else open_store(job_url, _storage_options())
+    except BaseException as exc:  # noqa: BLE001 - nowhere to write a result to
+        sys.stderr.write(f"cloudexec: cannot open the job storage {job_url}: {type(exc).__name__}: {exc}\n")
+        return EXIT_INFRA
+    code = EXIT_OK
+    try:
+        if loaded is None:
+            loaded = _Loaded(store, array=index is not None)
+        outcomes = loaded.run(index)
+    except BaseException as exc:  # noqa: BLE001 - report why the call could not run
+        outcomes = _infra_outcome(exc)
+        code = EXIT_INFRA
+    sys.stdout.flush()
+    try:
+        _write_result(store, index, outcomes)
+    except BaseException as exc:  # noqa: BLE001
+        sys.stderr.write(f"cloudexec: cannot write the result to {job_url}: {type(exc).__name__}: {exc}\n")
+        return EXIT_INFRA
+    reported = _report(outcomes)
+    return code or reported
+
+
+def _serve(job_url: str, control_fd: int) -> int:
+    """Warm worker for the local provider: runs array children one after another.
+
+    Protocol, one line each: stdin gets ``run <index> <stdout-path> <stderr-path>``;
+    the control fd gets ``start <index>`` and ``exit <index> <exit-code>``. Each
+    child's stdout and stderr (file descriptors 1 and 2, so output of C code
+    and subprocesses too) go to its own files. EOF on stdin ends the worker.
+    """
+    control = os.fdopen(control_fd, "w", buffering=1)
+    store = open_store(job_url, _storage_options())
+    try:
+        loaded: _Loaded | None = _Loaded(store, array=True)
+        load_error: BaseException | None = None
+    except BaseException as exc:  # noqa: BLE001 - every child reports it
+        loaded, load_error = None, exc
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    for line in sys.stdin:
+        parts = line.rstrip("\n").split(" ", 3)
+        if parts[0] != "run" or len(parts) != 4:
+            continue
+        index = int(parts[1])
+        control.write(f"start {index}\n")
+        _redirect(parts[2], parts[3])
+        try:
+            if load_error is not None:
+                outcomes = _infra_outcome(load_error)
+                _write_result(store, index, outcomes)
+                _report(outcomes)
+                code = EXIT_INFRA
+            else:
+                code = run_job(job_url, index=index, loaded=loaded)
+        except BaseException:  # noqa: BLE001 - keep serving the other children
+            traceback.print_exc()
+            code = EXIT_INFRA
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
+        control.write(f"exit {index} {code}\n")
+    return EXIT_OK
+
+
+def _redirect(out_path: str, err_path: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, path in ((1, out_path), (2, err_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m cloudexec.runner`` and the ``cloudexec-runner`` script."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="cloudexec-runner", description="Run one cloudexec job.")
+    parser.add_argument("job_url", help="storage URL of the job's prefix")
+    parser.add_argument("--array", action="store_true", help="run one child of an array job")
+    parser.add_argument("--index", type=int, default=None, help="array child index (else from the environment)")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        return _serve(args.job_url, args.control_fd)
+    index = args.index
+    if args.array and index is None:
+        index = array_index_from_env()
+        if index is None:
+            sys.stderr.write(
+                "cloudexec: --array given but no index: expected AWS_BATCH_JOB_ARRAY_INDEX, "
+                "CLOUDEXEC_ARRAY_INDEX or AZ_BATCH_TASK_ID in the environment\n"
+            )
+            return EXIT_INFRA
+    return run_job(args.job_url, index=index)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,7 +22,6 @@ state after submission (besides ``cancel``), through the stdlib's own
 from __future__ import annotations
 
 import datetime as _dt
-import itertools
 import json
 import logging
 import os
@@ -542,8 +541,7 @@ class BatchExecutor(Executor):
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {fn!r} ({type(fn).__name__})")
-        modules = _payload.collect_local_modules([fn, *args, *kwargs.values()])
-        call = _payload.pack("call", (fn, args, kwargs), modules=modules)
+        call = _payload.pack("call", (fn, args, kwargs), ship=True)
         name = self._settings.job_name or _default_name(fn)
         record = _JobRecord(
             job_id=new_job_id(name),
@@ -583,9 +581,9 @@ class BatchExecutor(Executor):
             raise ValueError("chunksize must be >= 1")
         items = list(zip(*iterables))
         chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
-        modules = _payload.collect_local_modules([fn, *itertools.islice(itertools.chain(*items), 100)])
-        call = _payload.pack("call", (fn, None, None), modules=modules, array=True, chunksize=chunksize)
-        inputs = _payload.pack_inputs([_payload.dumps_chunk(c) for c in chunks])
+        pickled = [_payload.dumps_chunk(c) for c in chunks]
+        call = _payload.pack("call", (fn, None, None), ship=True, ship_with=pickled, array=True, chunksize=chunksize)
+        inputs = _payload.pack_inputs(pickled)
         name = self._settings.job_name or _default_name(fn)
         record = _JobRecord(
             job_id=new_job_id(name),

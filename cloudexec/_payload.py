@@ -81,12 +81,15 @@ def _dill() -> Any:
     return dill
 
 
-def pack(kind: str, obj: Any, **header: Any) -> bytes:
+def pack(kind: str, obj: Any, *, ship_with: Sequence[bytes] = (), ship: bool = False, **header: Any) -> bytes:
     """Serialize ``obj`` with dill into a versioned envelope.
 
     Args:
         kind: what the body is (``"call"``, ``"result"``).
         obj: the object to pickle.
+        ship: add the source of client-only modules the pickle (and the
+            ``ship_with`` pickles) refer to; see `collect_local_modules`.
+        ship_with: other pickles travelling with this one (array inputs).
         **header: extra JSON-serialisable header fields.
 
     Raises:
@@ -99,6 +102,10 @@ def pack(kind: str, obj: Any, **header: Any) -> bytes:
         body = dill.dumps(obj, recurse=True)
     except Exception as exc:
         raise PayloadError(f"cannot pickle the {kind} with dill: {type(exc).__name__}: {exc}") from exc
+    if ship:
+        modules = collect_local_modules([body, *ship_with])
+        if modules:
+            header["modules"] = modules
     return pack_raw(kind, body, **header)
 
 
@@ -309,33 +316,44 @@ def _is_local_module(module: types.ModuleType) -> bool:
     return not any(real.startswith(root + os.sep) for root in _not_local_roots())
 
 
-def _module_of(obj: Any) -> str | None:
-    if isinstance(obj, types.ModuleType):
-        return obj.__name__
-    func = getattr(obj, "func", None)  # functools.partial
-    if func is not None and callable(func):
-        obj = func
-    name = getattr(obj, "__module__", None)
-    if isinstance(name, str):
-        return name
-    return getattr(type(obj), "__module__", None)
+def _pickled_module_names(body: bytes) -> set[str]:
+    """Names of loaded modules that a pickle refers to (by-reference globals)."""
+    import pickletools
+
+    names: set[str] = set()
+    for opcode, arg, _ in pickletools.genops(body):
+        if not isinstance(arg, str):
+            continue
+        if opcode.name == "GLOBAL":
+            arg = arg.split(" ", 1)[0]
+        elif "UNICODE" not in opcode.name:
+            continue
+        if arg in sys.modules:
+            names.add(arg)
+    return names
 
 
-def collect_local_modules(objs: Iterable[Any]) -> dict[str, dict[str, Any]]:
-    """Source of every user module the objects (and those modules) refer to.
+def collect_local_modules(bodies: Iterable[bytes]) -> dict[str, dict[str, Any]]:
+    """Source of every user module the pickles refer to, and of the modules those use.
 
     dill pickles functions and classes of importable modules by reference, so
     a job would fail with ModuleNotFoundError when the module exists only on
     the client (a script's helper file, a notebook's folder). Their source is
     shipped in the call's header and served to the runner by an import hook
     that comes *after* the installed modules, so an installed copy wins.
+    Reading the module names out of the pickle itself also finds functions
+    wrapped by other libraries (scipy's ``workers=ex.map`` wraps the objective).
     """
+    pending: list[str] = []
+    for body in bodies:
+        pending.extend(_pickled_module_names(body))
     shipped: dict[str, dict[str, Any]] = {}
-    pending = [m for m in (_module_of(o) for o in objs) if m]
+    seen: set[str] = set()
     while pending:
         name = pending.pop()
-        if name in shipped:
+        if name in seen:
             continue
+        seen.add(name)
         module = sys.modules.get(name)
         if module is None or not _is_local_module(module):
             continue
@@ -350,8 +368,8 @@ def collect_local_modules(objs: Iterable[Any]) -> dict[str, dict[str, Any]]:
         if "." in name:
             pending.append(name.rsplit(".", 1)[0])
         for value in list(vars(module).values()):
-            ref = _module_of(value)
-            if ref and ref not in shipped and ref != name:
+            ref = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+            if isinstance(ref, str) and ref not in seen:
                 pending.append(ref)
     return shipped
 

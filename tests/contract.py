@@ -1,0 +1,309 @@
+"""The executor contract: what every cloudexec executor must do, whatever the provider.
+
+Written once against "an executor" and run per provider by a small subclass
+in each provider's test file (the CPython mixin / fsspec abstract-suite
+pattern). A subclass provides the fixture ``make_executor(**kwargs)`` that
+returns a fresh executor of its provider (``max_workers`` and job settings
+pass through), and the class attribute ``cancel_timeout_s``.
+
+Every test that waits has a timeout; teardown checks ``shutdown()`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import os
+import sys
+import textwrap
+import time
+from typing import Any, Callable
+
+import pytest
+
+import jobs
+from cloudexec import ArrayFuture, BatchExecutor, BatchFuture, Phase
+from cloudexec.errors import PayloadError, RemoteTraceback
+
+MakeExecutor = Callable[..., BatchExecutor]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until truthy; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+class ExecutorContract:
+    """Mixin of contract tests. See the module docstring."""
+
+    #: How long a started job may take to be seen running and to be cancelled.
+    cancel_timeout_s = 30.0
+
+    # -- submit -----------------------------------------------------------------
+    @pytest.mark.timeout(60)
+    def test_submit_returns_result_and_properties(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        fut = ex.submit(jobs.shout, "hi")
+        assert isinstance(fut, BatchFuture) and isinstance(fut, cf.Future)
+        assert fut.result(timeout=45) == "HI"
+        assert fut.job_status is not None and fut.job_status.phase is Phase.SUCCEEDED
+        assert fut.job_exit_code == 0
+        assert "stdout says hi" in (fut.job_log or "")
+        assert fut.provider_job_id
+        props = fut.properties()
+        for key in ("job_status", "job_exit_code", "job_status_reason", "provider_job_id", "job_log"):
+            assert key in props
+        assert props["job_id"] == fut.job_id
+
+    @pytest.mark.timeout(60)
+    def test_function_kwargs_named_like_settings_reach_the_function(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        fut = ex.submit(jobs.add, 1, b=2, memory="not a setting", timeout=7)
+        assert fut.result(timeout=45) == (3, "not a setting", 7)
+
+    @pytest.mark.timeout(60)
+    def test_module_globals_and_client_only_modules_travel(
+        self, make_executor: MakeExecutor, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A module that exists only on the client: the runner cannot import it.
+        pkg = tmp_path / "clientonly_pkg"
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("BASE = 100\n")
+        (pkg / "calc.py").write_text(
+            textwrap.dedent(
+                """
+                from clientonly_pkg import BASE
+                from clientonly_pkg.helpers import triple
+                def compute(x):
+                    return BASE + triple(x)
+                """
+            )
+        )
+        (pkg / "helpers.py").write_text("def triple(x):\n    return 3 * x\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import clientonly_pkg.calc as calc  # type: ignore[import-not-found]
+
+        ex = make_executor()
+        assert ex.submit(calc.compute, 2).result(timeout=45) == 106
+        assert ex.submit(jobs.offset, 1).result(timeout=45) == 11
+        assert list(ex.map(calc.compute, [1, 2])) == [103, 106]
+
+    @pytest.mark.timeout(60)
+    def test_user_exception_comes_back_as_its_own_type_with_remote_traceback(
+        self, make_executor: MakeExecutor
+    ) -> None:
+        ex = make_executor()
+        fut = ex.submit(jobs.fail_on, 3)
+        with pytest.raises(jobs.Boom, match="item 3 is bad") as info:
+            fut.result(timeout=45)
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert "fail_on" in str(info.value.__cause__)
+        assert fut.job_exit_code not in (None, 0)
+        assert fut.job_status is not None and fut.job_status.phase is Phase.FAILED
+
+    def test_unpicklable_call_fails_at_submit_with_nothing_submitted(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        before = set(ex._core.store.list(""))
+        with pytest.raises(PayloadError, match="pickle"):
+            ex.submit(jobs.double, (x for x in range(3)))
+        with pytest.raises(TypeError, match="callable"):
+            ex.submit(42)  # type: ignore[arg-type]
+        assert set(ex._core.store.list("")) == before
+
+    @pytest.mark.timeout(60)
+    def test_unpicklable_result_is_reported(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        with pytest.raises(PayloadError, match="cannot be pickled"):
+            ex.submit(jobs.unpicklable_result).result(timeout=45)
+
+    # -- map --------------------------------------------------------------------
+    @pytest.mark.timeout(90)
+    def test_map_in_order_with_chunks(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        assert list(ex.map(jobs.double, range(25))) == [2 * i for i in range(25)]
+        assert list(ex.map(jobs.add, range(7), range(7), chunksize=3)) == [(2 * i, "", 0) for i in range(7)]
+        assert list(ex.map(jobs.double, [])) == []
+
+    @pytest.mark.timeout(60)
+    def test_map_raises_at_the_failing_item(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        results = ex.map(jobs.fail_on, range(6), chunksize=2)
+        assert [next(results) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(jobs.Boom):
+            next(results)
+
+    @pytest.mark.timeout(60)
+    def test_map_timeout(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        results = ex.map(jobs.nap, [5, 5], timeout=0.5)
+        with pytest.raises(TimeoutError):
+            list(results)
+
+    @pytest.mark.timeout(60)
+    def test_submit_map_array_future(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        arr = ex.submit_map(jobs.shout, ["a", "b", "c"])
+        assert isinstance(arr, ArrayFuture)
+        assert arr.result(timeout=45) == ["A", "B", "C"]
+        assert len(arr.children) == 3
+        assert [c.result() for c in arr.children] == ["A", "B", "C"]
+        assert arr.child_job_exit_codes == [0, 0, 0]
+        assert "stdout says b" in (arr.children[1].job_log or "")
+        assert arr.job_status is not None and arr.job_status.phase is Phase.SUCCEEDED
+
+    @pytest.mark.timeout(60)
+    def test_one_item_map(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        assert list(ex.map(jobs.double, [21])) == [42]
+
+    @pytest.mark.timeout(60)
+    def test_array_with_a_failing_child(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        arr = ex.submit_map(jobs.fail_on, range(5))
+        with pytest.raises(jobs.Boom):
+            arr.result(timeout=45)
+        codes = arr.child_job_exit_codes
+        assert codes[3] not in (None, 0) and [c for i, c in enumerate(codes) if i != 3] == [0, 0, 0, 0]
+        assert arr.children[4].result() == 4
+        assert arr.job_status is not None and arr.job_status.phase is Phase.FAILED
+
+    # -- settings ---------------------------------------------------------------
+    def test_bad_settings_fail_at_the_call(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        with pytest.raises(TypeError, match="unknown job setting 'colour'.*valid settings are"):
+            ex.with_settings(colour="red")
+        with pytest.raises(ValueError, match="memory"):
+            ex.with_settings(memory="lots")
+        with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+            make_executor(max_workers=0)
+
+    @pytest.mark.timeout(60)
+    def test_with_settings_view_shares_the_executor(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        view = ex.with_settings(job_name="renamed", retries=1)
+        assert view.settings.retries == 1 and ex.settings.retries is None
+        assert view._core is ex._core
+        assert view.submit(jobs.double, 4).result(timeout=45) == 8
+
+    # -- executor semantics -----------------------------------------------------
+    @pytest.mark.timeout(60)
+    def test_shutdown_and_context_manager(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        with ex:
+            fut = ex.submit(jobs.double, 5)
+        assert fut.done() and fut.result() == 10
+        with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+            ex.submit(jobs.double, 1)
+        started = time.monotonic()
+        ex.shutdown()
+        assert time.monotonic() - started < 5
+
+    @pytest.mark.timeout(90)
+    def test_max_workers_bounds_jobs_in_flight(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor(max_workers=2)
+        spans = [f.result(timeout=80) for f in [ex.submit(jobs.nap, 1.0) for _ in range(4)]]
+        events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda p: (p[0], p[1]))
+        running = peak = 0
+        for _, step in events:
+            running += step
+            peak = max(peak, running)
+        assert peak <= 2
+
+    @pytest.mark.timeout(90)
+    def test_shutdown_cancel_futures_cancels_queued_work(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor(max_workers=1)
+        first = ex.submit(jobs.nap, 1.5)
+        queued = [ex.submit(jobs.double, i) for i in range(3)]
+        wait_until(first.running, self.cancel_timeout_s)
+        ex.shutdown(wait=True, cancel_futures=True)
+        assert all(f.cancelled() for f in queued)
+        assert first.done() and not first.cancelled()
+
+    @pytest.mark.timeout(120)
+    def test_cancel_running_job_aborts_it_at_the_provider(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        fut = ex.submit(jobs.nap, 60)
+        wait_until(lambda: fut.running() or fut.done(), self.cancel_timeout_s)
+        assert fut.cancel() is True
+        assert fut.cancelled() and fut.done()
+        with pytest.raises(cf.CancelledError):
+            fut.result(timeout=1)
+        # The provider ends the job and says who ended it.
+        wait_until(lambda: fut.job_status is not None and fut.job_status.terminal, self.cancel_timeout_s, 0.2)
+        assert "cloudexec" in (fut.job_status_reason or "")
+        assert fut.cancel() is True  # idempotent
+
+    @pytest.mark.timeout(60)
+    def test_cancel_pending_and_finished(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor(max_workers=1)
+        blocker = ex.submit(jobs.nap, 1.0)
+        pending = ex.submit(jobs.double, 1)
+        assert pending.cancel() is True and pending.cancelled()
+        done, _ = cf.wait([pending], timeout=5)
+        assert pending in done  # waiters learn of the cancellation at once
+        blocker.result(timeout=45)
+        assert blocker.cancel() is False
+
+    @pytest.mark.timeout(90)
+    def test_wait_as_completed_and_asyncio(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        futs = [ex.submit(jobs.double, i) for i in range(3)]
+        done, not_done = cf.wait(futs, timeout=60)
+        assert not not_done and {f.result() for f in done} == {0, 2, 4}
+        assert sorted(f.result() for f in cf.as_completed([ex.submit(jobs.double, i) for i in range(3)], 60)) == [
+            0,
+            2,
+            4,
+        ]
+
+        async def main() -> list[int]:
+            loop = asyncio.get_running_loop()
+            wrapped = asyncio.wrap_future(ex.submit(jobs.double, 10))
+            in_exec = loop.run_in_executor(ex, jobs.double, 20)
+            return list(await asyncio.gather(wrapped, in_exec))
+
+        assert asyncio.run(asyncio.wait_for(main(), 60)) == [20, 40]
+
+    @pytest.mark.timeout(90)
+    def test_attach_by_job_id_from_another_executor(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        fut = ex.submit(jobs.double, 21)
+        arr = ex.submit_map(jobs.double, [1, 2, 3])
+        assert fut.result(timeout=60) == 42 and arr.result(timeout=60) == [2, 4, 6]
+        other = make_executor()
+        again = other.attach(fut.job_id)
+        assert again.result(timeout=60) == 42
+        assert again.job_exit_code == 0
+        assert other.attach(arr.job_id).result(timeout=60) == [2, 4, 6]
+        assert other.attach(f"{arr.job_id}[1]").result(timeout=60) == 4
+        if fut.provider_job_id:
+            assert other.attach(fut.provider_job_id).result(timeout=60) == 42
+
+    def test_attach_unknown_id(self, make_executor: MakeExecutor) -> None:
+        from cloudexec.errors import JobNotFoundError
+
+        with pytest.raises(JobNotFoundError, match="no job"):
+            make_executor().attach("no-such-job-20260101-000000-deadbeef")
+
+
+def run_script(code: str, env: dict[str, str] | None = None, timeout: float = 60) -> str:
+    """Run a Python script in a fresh interpreter (its own ``__main__``); return stdout."""
+    import subprocess
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout

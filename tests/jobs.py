@@ -1,0 +1,86 @@
+"""Functions the tests run as jobs.
+
+This module is NOT importable by the runner processes (the tests folder is
+not on their path), so every job here also exercises cloudexec's shipping of
+client-only module sources.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+OFFSET = 10  # a module global the jobs read remotely
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def add(a: int, b: int = 0, *, memory: str = "", timeout: int = 0) -> tuple[int, str, int]:
+    """Takes keyword arguments named like job settings: they must reach the function."""
+    return a + b, memory, timeout
+
+
+def offset(x: int) -> int:
+    return x + OFFSET
+
+
+def shout(text: str) -> str:
+    print(f"stdout says {text}")
+    print(f"stderr says {text}", file=sys.stderr)
+    return text.upper()
+
+
+class Boom(ValueError):
+    """A user exception type that must come back as itself."""
+
+
+def fail_on(x: int, bad: int = 3) -> int:
+    if x == bad:
+        raise Boom(f"item {x} is bad")
+    return x
+
+
+def nap(seconds: float) -> tuple[float, float]:
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
+def exit_hard(code: int) -> None:
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def hog(mib: int, hold_s: float = 3.0) -> int:
+    block = b"x" * (mib * 1024 * 1024)
+    time.sleep(hold_s)
+    return len(block)
+
+
+def flaky(counter_path: str, fail_times: int) -> int:
+    """Fails (exit code 1) the first ``fail_times`` attempts, counted in a file."""
+    try:
+        with open(counter_path) as fh:
+            count = int(fh.read() or 0)
+    except FileNotFoundError:
+        count = 0
+    with open(counter_path, "w") as fh:
+        fh.write(str(count + 1))
+    if count < fail_times:
+        raise RuntimeError(f"attempt {count + 1} fails on purpose")
+    return count + 1
+
+
+def env(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def unpicklable_result() -> object:
+    return (x for x in range(3))  # generators cannot be pickled
+
+
+def sphere(x: "list[float]") -> float:
+    return float(sum(v * v for v in x))

@@ -1,0 +1,254 @@
+"""LocalBatchExecutor: the contract suite plus what only the local provider does.
+
+Jobs run as real subprocesses through the real runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import jobs
+from cloudexec import LocalBatchExecutor, LocalJobStatus
+from cloudexec.errors import JobFailedError, StorageError
+from contract import ExecutorContract, run_script, wait_until
+
+
+@pytest.fixture
+def make_executor(io_root: str) -> Iterator[Any]:
+    made: list[LocalBatchExecutor] = []
+
+    def make(**kwargs: Any) -> LocalBatchExecutor:
+        kwargs.setdefault("max_workers", 2)
+        ex = LocalBatchExecutor(io_root, **kwargs)
+        made.append(ex)
+        return ex
+
+    yield make
+    for ex in made:
+        started = time.monotonic()
+        ex.shutdown(wait=True, cancel_futures=True)
+        assert time.monotonic() - started < 30, "shutdown() did not return promptly"
+
+
+class TestLocalContract(ExecutorContract):
+    """The executor contract, on local processes."""
+
+
+# -- local lifecycle -------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_status_sequence_and_separate_logs(make_executor: Any) -> None:
+    ex = make_executor()
+    fut = ex.submit(jobs.shout, "x")
+    assert fut.result(timeout=45) == "X"
+    assert fut.properties()["status_history"] == ["Submitted", "Runnable", "Running", "Succeeded"]
+    assert fut.job_status is LocalJobStatus.SUCCEEDED and fut.job_status == "Succeeded"
+    assert fut.job_log == "stdout says x\n"
+    assert fut.job_stderr_log == "stderr says x\n"
+    arr = ex.submit_map(jobs.shout, ["p", "q"])
+    arr.result(timeout=45)
+    assert arr.children[1].job_stderr_log == "stderr says q\n"
+    assert arr.status_counts == {"Submitted": 0, "Runnable": 0, "Running": 0, "Succeeded": 2, "Failed": 0}
+
+
+@pytest.mark.timeout(60)
+def test_memory_limit_kills_the_job_like_aws(make_executor: Any) -> None:
+    ex = make_executor().with_settings(memory="80 MiB")
+    fut = ex.submit(jobs.hog, 300)
+    with pytest.raises(JobFailedError) as info:
+        fut.result(timeout=45)
+    assert "OutOfMemoryError: Container killed due to memory usage" in str(info.value)
+    assert "memory" in (info.value.hint or "")
+    assert fut.job_exit_code == 137
+    assert fut.job_status_reason == "OutOfMemoryError: Container killed due to memory usage"
+    # An array child is killed alone; its siblings succeed.
+    arr = ex.submit_map(jobs.hog, [1, 300, 1], [0.0, 3.0, 0.0])
+    with pytest.raises(JobFailedError):
+        arr.result(timeout=45)
+    assert arr.child_job_exit_codes == [0, 137, 0]
+    assert arr.children[0].result() == 1024 * 1024
+
+
+@pytest.mark.timeout(60)
+def test_timeout_kills_the_attempt(make_executor: Any) -> None:
+    ex = make_executor().with_settings(timeout=1)
+    fut = ex.submit(jobs.nap, 30)
+    with pytest.raises(JobFailedError, match="timeout") as info:
+        fut.result(timeout=45)
+    assert "timeout=" in (info.value.hint or "")
+    assert fut.job_exit_code == 137
+
+
+@pytest.mark.timeout(60)
+def test_retries_rerun_failed_attempts(make_executor: Any, tmp_path: Any) -> None:
+    ex = make_executor()
+    fut = ex.with_settings(retries=2).submit(jobs.flaky, str(tmp_path / "count"), 2)
+    assert fut.result(timeout=45) == 3
+    assert fut.attempts == 3
+    hist = fut.properties()["status_history"]
+    assert hist.count("Running") == 3 and hist[-1] == "Succeeded"
+    # Without retries the first failure is final.
+    with pytest.raises(RuntimeError, match="attempt 1 fails"):
+        ex.submit(jobs.flaky, str(tmp_path / "count2"), 1).result(timeout=45)
+
+
+@pytest.mark.timeout(90)
+def test_vcpu_aware_packing(io_root: str) -> None:
+    with LocalBatchExecutor(io_root, max_workers=4, max_vcpus=2) as ex:
+        wide = ex.with_settings(vcpus=2)
+        spans = [f.result(timeout=60) for f in [wide.submit(jobs.nap, 0.7) for _ in range(3)]]
+        spans.sort()
+        for (s1, e1), (s2, _) in zip(spans, spans[1:]):
+            assert s2 >= e1 - 0.05, "two 2-vCPU jobs overlapped on 2 vCPUs"
+        narrow = [f.result(timeout=60) for f in [ex.submit(jobs.nap, 1.0) for _ in range(2)]]
+        assert narrow[1][0] < narrow[0][1], "two 1-vCPU jobs should share 2 vCPUs"
+        with pytest.raises(ValueError, match="vcpus=3 is more than"):
+            ex.with_settings(vcpus=3)
+        with pytest.raises(ValueError, match="cannot give jobs GPUs"):
+            ex.with_settings(gpus=1)
+
+
+def test_bad_io_roots(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="memory://"):
+        LocalBatchExecutor("memory://nope")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permissions: use a path under a file instead
+            target = tmp_path / "a-file"
+            target.write_text("")
+            bad = str(target / "io")
+        else:
+            bad = str(ro / "io")
+        with pytest.raises(StorageError, match="cannot write to the job storage"):
+            LocalBatchExecutor(bad)
+    finally:
+        ro.chmod(0o700)
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        LocalBatchExecutor(max_workers=-1)
+
+
+@pytest.mark.timeout(60)
+def test_default_io_root_is_a_temporary_folder() -> None:
+    with LocalBatchExecutor(max_workers=1) as ex:
+        assert ex.io_url.startswith("file://")
+        assert ex.submit(jobs.double, 2).result(timeout=45) == 4
+
+
+@pytest.mark.timeout(60)
+def test_main_module_functions_run(io_root: str) -> None:
+    out = run_script(
+        f"""
+        import math
+        from cloudexec import LocalBatchExecutor
+        SCALE = 3
+        def scaled(x):
+            return math.floor(x * SCALE)
+        if __name__ == "__main__":
+            with LocalBatchExecutor({io_root!r}, max_workers=2) as ex:
+                print(ex.submit(scaled, 2.5).result(timeout=40), list(ex.map(scaled, [1, 2])))
+        """
+    )
+    assert out.strip() == "7 [3, 6]"
+
+
+@pytest.mark.timeout(90)
+def test_reattach_after_the_client_died(io_root: str) -> None:
+    out = run_script(
+        f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import jobs
+        from cloudexec import LocalBatchExecutor
+        ex = LocalBatchExecutor({io_root!r}, max_workers=2)
+        fut = ex.submit(jobs.nap, 2.0)
+        arr = ex.submit_map(jobs.double, [1, 2, 3])
+        import time
+        while not (fut.running() and arr.done()):
+            time.sleep(0.02)
+        print(fut.job_id, arr.job_id, flush=True)
+        os._exit(0)  # the client dies hard, its job still running
+        """
+    )
+    job_id, array_id = out.split()
+    with LocalBatchExecutor(io_root, max_workers=1) as ex:
+        fut = ex.attach(job_id)
+        start, end = fut.result(timeout=60)
+        assert end - start >= 2.0
+        assert fut.job_status is LocalJobStatus.SUCCEEDED
+        assert ex.attach(array_id).result(timeout=30) == [2, 4, 6]
+
+
+@pytest.mark.timeout(60)
+def test_cancel_array_terminates_children(make_executor: Any) -> None:
+    ex = make_executor()
+    arr = ex.submit_map(jobs.nap, [30, 30, 30, 30])
+    wait_until(arr.running, 30)
+    wait_until(lambda: arr.children[0].job_status is LocalJobStatus.RUNNING, 30)
+    assert arr.cancel() is True
+    assert all(c.cancelled() for c in arr.children)
+    wait_until(lambda: arr.job_status is not None and arr.job_status.terminal, 30)
+    reasons = arr.child_job_status_reasons
+    assert all("cloudexec" in (r or "") for r in reasons), reasons
+
+
+@pytest.mark.timeout(60)
+def test_job_that_dies_without_a_result(make_executor: Any) -> None:
+    ex = make_executor()
+    fut = ex.submit(jobs.exit_hard, 3)
+    with pytest.raises(JobFailedError) as info:
+        fut.result(timeout=45)
+    err = info.value
+    assert err.exit_code == 3 and err.status == "Failed" and err.job_id == fut.job_id
+    assert "job_log" in str(err)
+
+
+@pytest.mark.timeout(60)
+def test_job_manifest_describes_the_prefix(make_executor: Any, io_root: str) -> None:
+    ex = make_executor(retries=1)
+    fut = ex.submit(jobs.double, 1)
+    fut.result(timeout=45)
+    with open(os.path.join(io_root, fut.job_id, "job.json")) as fh:
+        manifest = json.load(fh)
+    assert manifest["kind"] == "single" and manifest["provider"] == "local"
+    assert manifest["function"] == "jobs.double" and manifest["settings"] == {"retries": 1}
+    assert manifest["provider_ref"] == fut.job_id
+
+
+@pytest.mark.timeout(60)
+def test_runner_exit_codes_and_array_index_from_environment(make_executor: Any, io_root: str) -> None:
+    ex = make_executor()
+    arr = ex.submit_map(jobs.fail_on, [1, 3])
+    with pytest.raises(jobs.Boom):
+        arr.result(timeout=45)
+    url = os.path.join(io_root, arr.job_id)
+    os.remove(os.path.join(url, "results", "0.pkl"))
+    env = dict(os.environ, AWS_BATCH_JOB_ARRAY_INDEX="0")
+    ok = subprocess.run([sys.executable, "-m", "cloudexec.runner", url, "--array"], env=env, capture_output=True)
+    assert ok.returncode == 0 and os.path.exists(os.path.join(url, "results", "0.pkl"))
+    env = dict(os.environ, CLOUDEXEC_ARRAY_INDEX="1")
+    bad = subprocess.run([sys.executable, "-m", "cloudexec.runner", url, "--array"], env=env, capture_output=True)
+    assert bad.returncode == 1 and b"item 3 is bad" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "cloudexec.runner", url + "-nope"], capture_output=True)
+    assert missing.returncode == 2
+
+
+@pytest.mark.timeout(120)
+def test_libraries_that_take_an_executor(make_executor: Any) -> None:
+    import scipy.optimize
+
+    ex = make_executor()
+    result = scipy.optimize.differential_evolution(
+        jobs.sphere, [(-2, 2), (-2, 2)], workers=ex.map, updating="deferred", maxiter=3, popsize=4, seed=1, polish=False
+    )
+    assert result.nfev > 0 and result.fun < 8

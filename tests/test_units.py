@@ -1,0 +1,334 @@
+"""Fast unit tests of pure logic: settings, envelopes, inputs table, storage, statuses,
+and the generic executor driven by an in-process fake provider on ``memory://``."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+import jobs
+from cloudexec import BatchExecutor, JobInfo, JobSpec, Phase, Provider
+from cloudexec import _payload, runner
+from cloudexec._provider import JobStatus
+from cloudexec._storage import FsspecStore, LocalStore, open_store
+from cloudexec.errors import JobFailedError, PayloadError, RemoteError, VersionMismatchError
+from cloudexec.providers.local import LocalJobStatus
+from cloudexec.settings import JobSettings, parse_memory
+
+# -- settings ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, mib",
+    [
+        (512, 512),
+        ("512 MiB", 512),
+        ("512MiB", 512),
+        ("4 GiB", 4096),
+        ("4g", 4096),
+        ("1.5GB", 1431),  # 1.5e9 bytes, rounded up to whole MiB
+        ("2000 MB", 1908),
+        ("1 TiB", 1024 * 1024),
+        ("1024 KiB", 1),
+        ("300", 300),
+        (".5 GiB", 512),
+    ],
+)
+def test_parse_memory(value: Any, mib: int) -> None:
+    assert parse_memory(value) == mib
+
+
+@pytest.mark.parametrize(
+    "value, error, match",
+    [
+        ("lots", ValueError, "memory must be"),
+        ("4 GQ", ValueError, "unknown unit 'GQ'"),
+        (0, ValueError, "positive"),
+        (-5, ValueError, "positive"),
+        ("0 MiB", ValueError, "positive"),
+        (1.5, TypeError, "memory must be"),
+        (True, TypeError, "memory must be"),
+    ],
+)
+def test_parse_memory_rejects(value: Any, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        parse_memory(value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"vcpus": 0}, ValueError, "vcpus must be at least 1; got 0"),
+        ({"vcpus": "2"}, TypeError, "vcpus must be an int"),
+        ({"gpus": -1}, ValueError, "gpus must be at least 0"),
+        ({"timeout": 0}, ValueError, "timeout must be a positive"),
+        ({"timeout": "1h"}, TypeError, "timeout must be a number"),
+        ({"retries": 10}, ValueError, "retries must be from 0 to 9"),
+        ({"priority": 2}, ValueError, "priority must be from -1"),
+        ({"job_name": ""}, TypeError, "job_name must be a non-empty string"),
+        ({"tags": {"a": 1}}, TypeError, "tags must be a mapping of str to str"),
+        ({"colour": "red"}, TypeError, "unknown job setting 'colour'"),
+    ],
+)
+def test_settings_validation(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        JobSettings.from_kwargs(**kwargs)
+
+
+def test_settings_merge_and_dict() -> None:
+    base = JobSettings.from_kwargs(vcpus=2, memory="1 GiB")
+    over = JobSettings.from_kwargs(memory=256, retries=1)
+    merged = base.merged(over)
+    assert (merged.vcpus, merged.memory_mib, merged.retries) == (2, 256, 1)
+    assert merged.as_dict() == {"vcpus": 2, "memory_mib": 256, "retries": 1}
+    with pytest.raises(TypeError, match="valid settings are: gpus, job_name"):
+        JobSettings.from_kwargs(frozenset({"gpus", "job_name"}), vcpus=1)
+
+
+# -- envelopes ----------------------------------------------------------------------
+
+
+def test_envelope_roundtrip_records_versions() -> None:
+    data = _payload.pack("call", (jobs.double, (2,), {}))
+    header, offset = _payload.read_header(data)
+    assert header["kind"] == "call" and header["python"] == _payload.PY_VERSION
+    assert {"dill", "cloudexec"} <= set(header)
+    _, (fn, args, kwargs) = _payload.unpack(data)
+    assert fn(*args, **kwargs) == 4
+
+
+def test_envelope_refuses_another_python_minor_version() -> None:
+    data = _payload.pack_raw("call", b"whatever", python="3.2.1")
+    with pytest.raises(VersionMismatchError, match=r"Python 3\.2\.1.*runs Python \d+\.\d+") as info:
+        _payload.unpack(data, where="runner")
+    assert _payload.PY_VERSION in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [(b"nope", "truncated"), (b"XXXX" + bytes(20), "bad magic"), (b"CLDX\x09\x00\x00\x00\x02{}", "newer")],
+)
+def test_envelope_rejects_garbage(data: bytes, match: str) -> None:
+    with pytest.raises(PayloadError, match=match):
+        _payload.unpack(data)
+
+
+def test_inputs_table_reads_one_slice() -> None:
+    chunks = [_payload.dumps_chunk([(i, i + 1)]) for i in range(50)]
+    blob = _payload.pack_inputs(chunks)
+    reads: list[tuple[int, int]] = []
+
+    def read(start: int, end: int) -> bytes:
+        reads.append((start, end))
+        return blob[start:end]
+
+    raw = _payload.read_input_slice(read, 37)
+    assert _payload._dill().loads(raw) == [(37, 38)]
+    assert sum(e - s for s, e in reads) < 64 + len(chunks[37])  # only its own bytes
+    with pytest.raises(PayloadError, match="outside"):
+        _payload.read_input_slice(read, 50)
+
+
+def test_outcomes_degrade_what_cannot_be_pickled() -> None:
+    class Local(Exception):
+        def __reduce__(self) -> Any:
+            raise TypeError("no")
+
+    exc = Local("inner")
+    outcomes = [("ok", 1), ("err", exc, "x.Local", "inner", "tb"), ("ok", (x for x in []))]
+    _, back = _payload.unpack(_payload.pack_outcomes(outcomes))
+    assert back[0] == ("ok", 1)
+    assert isinstance(back[1][1], RemoteError) and back[1][1].type_name == "x.Local"
+    assert isinstance(back[2][1], PayloadError)
+
+
+def test_client_only_modules_are_shipped_and_served(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "shipme_unit.py").write_text("def f(x):\n    return x * 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import shipme_unit  # type: ignore[import-not-found]
+
+    data = _payload.pack("call", (shipme_unit.f, (3,), {}), ship=True)
+    header, _ = _payload.read_header(data)
+    assert "shipme_unit" in header["modules"]
+    assert "jobs" not in header["modules"]  # not referenced
+    # Forget the module as if this were another machine, then unpack.
+    monkeypatch.delitem(__import__("sys").modules, "shipme_unit")
+    monkeypatch.setattr(__import__("sys"), "path", [p for p in __import__("sys").path if p != str(tmp_path)])
+    _, (fn, args, _) = _payload.unpack(data)
+    assert fn(*args) == 21
+
+
+# -- storage --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_store_basics(kind: str, tmp_path: Any) -> None:
+    store = LocalStore(str(tmp_path)) if kind == "local" else FsspecStore(f"memory://unit-{os.getpid()}-{time.time_ns()}")
+    store.write("a/b.bin", b"0123456789")
+    assert store.read("a/b.bin") == b"0123456789"
+    assert store.read("a/b.bin", 2, 5) == b"234"
+    assert store.exists("a/b.bin") and not store.exists("a/c.bin")
+    assert store.list("a") == ["b.bin"] and store.list("nothing") == []
+    assert store.child("a").read("b.bin") == b"0123456789"
+    store.delete("a")
+    assert not store.exists("a/b.bin")
+    with pytest.raises(FileNotFoundError):
+        store.read("a/b.bin")
+
+
+def test_local_writes_are_atomic(tmp_path: Any) -> None:
+    store = LocalStore(str(tmp_path))
+    big = os.urandom(8 * 1024 * 1024)
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(len(store.read("r.bin")))
+            except FileNotFoundError:
+                pass
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for _ in range(5):
+        store.write("r.bin", big)
+    stop.set()
+    thread.join()
+    assert set(seen) <= {len(big)}
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_open_store_picks_the_cheap_path(tmp_path: Any) -> None:
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    assert isinstance(open_store("file://" + str(tmp_path)), LocalStore)
+    assert isinstance(open_store("memory://x"), FsspecStore)
+
+
+# -- status tables --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "member, name, phase",
+    [
+        (LocalJobStatus.SUBMITTED, "Submitted", Phase.QUEUED),
+        (LocalJobStatus.RUNNABLE, "Runnable", Phase.QUEUED),
+        (LocalJobStatus.RUNNING, "Running", Phase.RUNNING),
+        (LocalJobStatus.SUCCEEDED, "Succeeded", Phase.SUCCEEDED),
+        (LocalJobStatus.FAILED, "Failed", Phase.FAILED),
+    ],
+)
+def test_local_status_table(member: JobStatus, name: str, phase: Phase) -> None:
+    assert member == name and str(member) == name and member.phase is phase
+    assert type(member).parse(name) is member
+    assert member.terminal == phase.terminal
+
+
+# -- the generic executor on an in-process fake provider ----------------------------
+
+
+class FakeStatus(JobStatus):
+    QUEUED = ("QUEUED", Phase.QUEUED)
+    RUNNING = ("RUNNING", Phase.RUNNING)
+    DONE = ("DONE", Phase.SUCCEEDED)
+    FAILED = ("FAILED", Phase.FAILED)
+
+
+class FakeProvider(Provider):
+    """Runs the real runner code in threads against memory:// storage."""
+
+    name = "fake"
+    status_enum = FakeStatus
+    poll_interval_s = (0.01, 0.05)
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.describe_calls: list[int] = []
+        self.forget: set[str] = set()
+
+    def submit(self, spec: JobSpec) -> str:
+        ref = f"fake-{len(self.jobs)}"
+        job: dict[str, Any] = {"status": FakeStatus.QUEUED, "spec": spec, "codes": {}}
+        self.jobs[ref] = job
+
+        def work() -> None:
+            job["status"] = FakeStatus.RUNNING
+            indices = range(spec.array_size) if spec.array_size else [None]
+            for index in indices:
+                job["codes"][index] = runner.run_job(spec.job_url, index=index)
+            failed = any(job["codes"].values())
+            job["status"] = FakeStatus.FAILED if failed else FakeStatus.DONE
+
+        threading.Thread(target=work, daemon=True).start()
+        return ref
+
+    def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
+        self.describe_calls.append(len(refs))
+        return {r: JobInfo(status=self.jobs[r]["status"], provider_job_id=r) for r in refs if r in self.jobs and r not in self.forget}
+
+    def describe_children(self, ref: str, size: int) -> list[JobInfo | None]:
+        codes = self.jobs[ref]["codes"]
+        return [JobInfo(status=FakeStatus.DONE, exit_code=codes.get(i)) for i in range(size)]
+
+    def cancel(self, ref: str, reason: str, *, index: int | None = None) -> None:
+        pass
+
+    def read_log(self, ref: str, *, index: int | None = None, stream: str = "stdout") -> str | None:
+        return None
+
+
+@pytest.mark.timeout(30)
+def test_generic_executor_polls_in_bulk_on_memory_storage() -> None:
+    provider = FakeProvider()
+    with BatchExecutor(provider, f"memory://bulk-{time.time_ns()}", max_workers=50) as ex:
+        futures = [ex.submit(jobs.double, i) for i in range(20)]
+        assert [f.result(timeout=20) for f in futures] == [2 * i for i in range(20)]
+        assert ex.submit_map(jobs.double, range(5)).result(timeout=20) == [0, 2, 4, 6, 8]
+    # One describe call covers many jobs at once, never one call per future.
+    assert max(provider.describe_calls) > 1
+    assert len(provider.describe_calls) < 20 * 5
+
+
+def test_a_provider_missing_a_verb_fails_at_construction() -> None:
+    class Incomplete(Provider):
+        name = "incomplete"
+        status_enum = FakeStatus
+
+        def submit(self, spec: JobSpec) -> str:
+            return ""
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()  # type: ignore[abstract]
+
+
+@pytest.mark.timeout(30)
+def test_expired_job_still_returns_its_stored_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    provider = FakeProvider()
+    ex = BatchExecutor(provider, f"memory://expired-{time.time_ns()}")
+    fut = ex.submit(jobs.double, 4)
+    assert fut.result(timeout=20) == 8
+    provider.forget.add(fut.provider_job_id or "")  # the service forgot the job (24 h expiry)
+    fresh = BatchExecutor(provider, ex.io_url)
+    again = fresh.attach(fut.job_id)
+    assert again.result(timeout=20) == 8
+    assert again.job_status is None and again.job_exit_code is None  # gone means None, never an error
+    ex.shutdown()
+    fresh.shutdown()
+
+
+@pytest.mark.timeout(30)
+def test_lost_job_without_result_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloudexec._poller as poller
+
+    monkeypatch.setattr(poller, "_MISSING_S", 0.0)
+    provider = FakeProvider()
+    provider.submit = lambda spec: "never-known"  # type: ignore[method-assign]
+    with BatchExecutor(provider, f"memory://lost-{time.time_ns()}") as ex:
+        fut = ex.submit(jobs.double, 1)
+        with pytest.raises(JobFailedError, match="no longer knows this job"):
+            fut.result(timeout=20)

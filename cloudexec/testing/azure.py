@@ -1,0 +1,368 @@
+"""An offline Azure Batch: Azurite for blobs plus a local Batch REST service.
+
+``azure_batch_emulator()`` starts two servers on 127.0.0.1 and tears them down
+on exit::
+
+    test code / AzureBatchExecutor
+        |  azure-batch SDK (shared key, http)      |  azure-storage-blob / adlfs
+        v                                          v
+    local Batch service  ----------------->   Azurite blob service
+    (_azure_batch_service)   task processes   (npm "azurite", in memory)
+        |                    reach Azurite
+        v                    through env()
+    compute node: runs each task's commandLine as a local process
+    (_azure_batch_node), <root>/workitems/<job>/job-1/<task>/{stdout.txt,stderr.txt,wd/}
+
+Example::
+
+    from azure.batch import models
+    from cloudexec.testing import azure_batch_emulator
+
+    with azure_batch_emulator(slots=2) as emu:
+        client = emu.batch_client()
+        client.create_job(models.BatchJobCreateOptions(
+            id="job-1", pool_info=models.BatchPoolInfo(pool_id=emu.pool_id)))
+        client.create_task("job-1", models.BatchTaskCreateOptions(
+            id="t1", command_line="python -c \\"print('hi')\\""))
+
+What differs from real Azure Batch:
+
+* There is one pool (``pool_id``) with one node of ``slots`` task slots; pools
+  cannot be created. A job on another pool is accepted (as Azure does) but its
+  tasks stay ``active`` forever. So does a task needing more slots than the
+  node has.
+* Command lines run directly on this machine (split with ``shlex``, no shell,
+  as on Azure); ``python``/``python3`` become ``sys.executable``.
+  ``containerSettings`` are recorded but no container is started.
+* Tasks get a clean environment (``PATH``, ``HOME``, ``LANG``, ``TMPDIR``,
+  ``PYTHONPATH`` with this cloudexec prepended), then ``task_env``, the job's
+  ``commonEnvironmentSettings``, the task's ``environmentSettings`` and the
+  ``AZ_BATCH_*`` variables Azure sets. ``AZ_BATCH_TASK_RETRY_COUNT`` is an
+  emulator extension that real Azure does not set.
+* No ``resourceFiles``, ``outputFiles``, task dependencies, job
+  manager/preparation/release tasks, exit conditions or auto pools: requests
+  using them get 400 ``UnsupportedProperty``. ETag conditions are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cloudexec.testing._azure_batch_service import AzureBatchService
+from cloudexec.testing._azurite import (
+    AZURITE_ACCOUNT_KEY,
+    AZURITE_ACCOUNT_NAME,
+    AzuriteBlob,
+    AzuriteNotFoundError,
+    find_azurite_blob,
+)
+
+if TYPE_CHECKING:
+    from azure.batch import BatchClient
+    from azure.core.credentials import AzureNamedKeyCredential
+
+__all__ = [
+    "AzureBatchEmulator",
+    "AzuriteNotFoundError",
+    "azure_batch_emulator",
+]
+
+DEFAULT_POOL_ID = "cloudexec-pool"
+DEFAULT_CONTAINER = "cloudexec-io"
+DEFAULT_VM_SIZE = "standard_d2s_v3"
+DEFAULT_ACCOUNT_NAME = "cloudexecemulator"
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Azure container names: 3-63 chars of lowercase letters, digits and single
+# hyphens, starting and ending with a letter or digit.
+_CONTAINER_RE = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9]))*$")
+
+
+class AzureBatchEmulator:
+    """A running Azurite plus local Batch service; see :func:`azure_batch_emulator`.
+
+    Prefer the context manager; this class can also be driven with
+    :meth:`start` and :meth:`close` (e.g. from a session-scoped fixture).
+
+    Args:
+        slots: Task slots of the pool's single node (``taskSlotsPerNode``).
+            Defaults to ``os.cpu_count()``.
+        pool_id: Id of the pool.
+        vm_size: ``vmSize`` the pool reports.
+        container: Blob container created in Azurite for cloudexec's I/O.
+        task_env: Variables every task process sees, standing in for what a
+            real pool provides (managed identity, start task). None means
+            :meth:`env`, i.e. tasks can reach Azurite; pass ``{}`` for nothing.
+        root_dir: Node root directory for task directories. None means a
+            temporary directory removed on close; a given directory is kept.
+        kill_grace_s: Seconds between SIGTERM and SIGKILL when a task is
+            terminated or times out.
+    """
+
+    def __init__(
+        self,
+        *,
+        slots: int | None = None,
+        pool_id: str = DEFAULT_POOL_ID,
+        vm_size: str = DEFAULT_VM_SIZE,
+        container: str = DEFAULT_CONTAINER,
+        task_env: Mapping[str, str] | None = None,
+        root_dir: str | os.PathLike[str] | None = None,
+        kill_grace_s: float = 2.0,
+    ) -> None:
+        resolved_slots = (os.cpu_count() or 1) if slots is None else slots
+        if isinstance(resolved_slots, bool) or not isinstance(resolved_slots, int) or resolved_slots < 1:
+            raise ValueError(f"slots must be a positive integer, got {slots!r}")
+        if not isinstance(pool_id, str) or not _ID_RE.match(pool_id):
+            raise ValueError(f"pool_id must be 1-64 letters, digits, '-' or '_', got {pool_id!r}")
+        if not isinstance(container, str) or not _CONTAINER_RE.match(container):
+            raise ValueError(
+                "container must be 3-63 lowercase letters, digits and single hyphens, "
+                f"starting and ending with a letter or digit; got {container!r}"
+            )
+        if kill_grace_s < 0:
+            raise ValueError(f"kill_grace_s must be >= 0, got {kill_grace_s!r}")
+        self.slots: int = resolved_slots
+        """Task slots of the pool's node."""
+        self.pool_id: str = pool_id
+        """Id of the emulated pool."""
+        self.vm_size: str = vm_size
+        """``vmSize`` the pool reports."""
+        self.container: str = container
+        """Blob container created in Azurite."""
+        self.account_name: str = DEFAULT_ACCOUNT_NAME
+        """Batch account name (for shared-key auth)."""
+        self.account_key: str = base64.b64encode(secrets.token_bytes(64)).decode()
+        """Batch account key, fresh for each emulator."""
+        self.storage_account_name: str = AZURITE_ACCOUNT_NAME
+        """Azurite's development storage account name."""
+        self.storage_account_key: str = AZURITE_ACCOUNT_KEY
+        """Azurite's well-known development storage account key."""
+        self._task_env = None if task_env is None else dict(task_env)
+        self._root_arg = None if root_dir is None else Path(root_dir)
+        self._kill_grace_s = kill_grace_s
+        self._stack = contextlib.ExitStack()
+        self._service: AzureBatchService | None = None
+        self._azurite_port: int | None = None
+        self._root_dir: Path | None = None
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> AzureBatchEmulator:
+        """Start Azurite and the Batch service; return self.
+
+        Raises:
+            AzuriteNotFoundError: Azurite is missing and could not be installed.
+            RuntimeError: Azurite did not start.
+        """
+        if self._service is not None:
+            raise RuntimeError("this emulator is already started")
+        try:
+            executable = find_azurite_blob()
+            azurite = AzuriteBlob(executable)
+            # Launch Azurite first: Node's start-up dominates, and the Batch
+            # service and the blob SDK import overlap with it.
+            azurite.start()
+            self._stack.callback(azurite.stop)
+            if self._root_arg is None:
+                self._root_dir = Path(tempfile.mkdtemp(prefix="cloudexec-azure-batch-"))
+                self._stack.callback(shutil.rmtree, self._root_dir, ignore_errors=True)
+            else:
+                self._root_dir = self._root_arg
+                self._root_dir.mkdir(parents=True, exist_ok=True)
+            service = AzureBatchService(
+                account_name=self.account_name,
+                account_key=self.account_key,
+                pool_id=self.pool_id,
+                slots=self.slots,
+                vm_size=self.vm_size,
+                root_dir=self._root_dir,
+                task_env={},
+                kill_grace_s=self._kill_grace_s,
+            )
+            service.start()
+            self._stack.callback(service.stop)
+            self._service = service
+            from azure.storage.blob import BlobServiceClient
+
+            self._azurite_port = azurite.wait_ready()
+            service.node.task_env = self.env() if self._task_env is None else dict(self._task_env)
+            with BlobServiceClient.from_connection_string(self.blob_connection_string) as blobs:
+                blobs.create_container(self.container)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Kill task processes, stop the Batch service and Azurite. Idempotent."""
+        self._stack.close()
+        self._service = None
+
+    def __enter__(self) -> AzureBatchEmulator:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _running_service(self) -> AzureBatchService:
+        if self._service is None:
+            raise RuntimeError("the emulator is not running; use it inside `with azure_batch_emulator() as emu:`")
+        return self._service
+
+    # --------------------------------------------------------------- batch
+    @property
+    def batch_url(self) -> str:
+        """Endpoint of the local Batch service, e.g. ``http://127.0.0.1:41234``."""
+        return self._running_service().url
+
+    @property
+    def api_calls(self) -> Counter[str]:
+        """Requests served per operation, keyed by SDK method name (live, clearable).
+
+        Keys include ``create_task_collection``, ``list_tasks``, ``get_task``,
+        ``download_task_file``...; rejected signatures count under
+        ``authentication_failed``.
+        """
+        return self._running_service().api_calls
+
+    @property
+    def root_dir(self) -> Path:
+        """``AZ_BATCH_NODE_ROOT_DIR`` of the emulated node."""
+        self._running_service()
+        if self._root_dir is None:  # unreachable: set before the service starts
+            raise RuntimeError("the emulator has no root directory")
+        return self._root_dir
+
+    def task_dir(self, job_id: str, task_id: str) -> Path:
+        """Return a task's directory (holds ``stdout.txt``, ``stderr.txt``, ``wd/``).
+
+        Args:
+            job_id: Id of the job.
+            task_id: Id of the task.
+        """
+        return self._running_service().node.task_dir(job_id, task_id)
+
+    def credential(self) -> AzureNamedKeyCredential:
+        """Return the shared-key credential of the emulated Batch account."""
+        from azure.core.credentials import AzureNamedKeyCredential
+
+        return AzureNamedKeyCredential(self.account_name, self.account_key)
+
+    def batch_client(self, **kwargs: Any) -> BatchClient:
+        """Return an ``azure.batch.BatchClient`` bound to the emulator.
+
+        Args:
+            **kwargs: Passed to ``BatchClient`` (e.g. ``retry_total=0``).
+        """
+        from azure.batch import BatchClient
+
+        return BatchClient(self.batch_url, self.credential(), **kwargs)
+
+    # -------------------------------------------------------------- storage
+    @property
+    def blob_endpoint(self) -> str:
+        """Azurite's blob endpoint, ``http://127.0.0.1:<port>/devstoreaccount1``."""
+        self._running_service()
+        return f"http://127.0.0.1:{self._azurite_port}/{self.storage_account_name}"
+
+    @property
+    def blob_connection_string(self) -> str:
+        """Connection string for azure-storage-blob and adlfs."""
+        return (
+            "DefaultEndpointsProtocol=http;"
+            f"AccountName={self.storage_account_name};"
+            f"AccountKey={self.storage_account_key};"
+            f"BlobEndpoint={self.blob_endpoint};"
+        )
+
+    @property
+    def storage_url(self) -> str:
+        """fsspec URL under which executors keep their payloads: ``az://<container>/jobs``."""
+        return f"az://{self.container}/jobs"
+
+    def adlfs_options(self) -> dict[str, Any]:
+        """Return keyword arguments for ``adlfs.AzureBlobFileSystem`` (storage_options)."""
+        return {"connection_string": self.blob_connection_string}
+
+    def env(self) -> dict[str, str]:
+        """Return the variables a subprocess needs to reach Azurite.
+
+        ``AZURE_STORAGE_CONNECTION_STRING`` is read by adlfs when no explicit
+        credentials are given, and can be passed to
+        ``BlobServiceClient.from_connection_string``.
+        """
+        return {"AZURE_STORAGE_CONNECTION_STRING": self.blob_connection_string}
+
+    def executor(self, **kwargs: Any) -> Any:
+        """Return a ``cloudexec.providers.azure.AzureBatchExecutor`` wired to the emulator.
+
+        Args:
+            **kwargs: Further executor arguments; they override the defaults
+                (``pool_id``, ``batch_url``, ``credential``, ``storage``,
+                ``storage_options``).
+        """
+        from cloudexec.providers.azure import AzureBatchExecutor  # type: ignore[import-not-found,unused-ignore]
+
+        options: dict[str, Any] = {
+            "pool_id": self.pool_id,
+            "batch_url": self.batch_url,
+            "credential": self.credential(),
+            "storage": self.storage_url,
+            "storage_options": self.adlfs_options(),
+        }
+        options.update(kwargs)
+        return AzureBatchExecutor(**options)
+
+
+@contextlib.contextmanager
+def azure_batch_emulator(
+    *,
+    slots: int | None = None,
+    pool_id: str = DEFAULT_POOL_ID,
+    vm_size: str = DEFAULT_VM_SIZE,
+    container: str = DEFAULT_CONTAINER,
+    task_env: Mapping[str, str] | None = None,
+    root_dir: str | os.PathLike[str] | None = None,
+    kill_grace_s: float = 2.0,
+) -> Iterator[AzureBatchEmulator]:
+    """Run an offline Azure Batch (Azurite + local Batch service) for a test.
+
+    Args:
+        slots: Task slots of the pool's single node; defaults to ``os.cpu_count()``.
+        pool_id: Id of the emulated pool.
+        vm_size: ``vmSize`` the pool reports.
+        container: Blob container created in Azurite.
+        task_env: Variables every task sees; None gives tasks :meth:`AzureBatchEmulator.env`.
+        root_dir: Where task directories go; None means a temporary directory.
+        kill_grace_s: Seconds between SIGTERM and SIGKILL when killing a task.
+
+    Yields:
+        The running :class:`AzureBatchEmulator`. On exit every task process,
+        Azurite and the HTTP server are stopped.
+
+    Raises:
+        AzuriteNotFoundError: Azurite is missing and npm could not install it;
+            the message says what to run.
+        ValueError: An argument is out of range.
+    """
+    emulator = AzureBatchEmulator(
+        slots=slots,
+        pool_id=pool_id,
+        vm_size=vm_size,
+        container=container,
+        task_env=task_env,
+        root_dir=root_dir,
+        kill_grace_s=kill_grace_s,
+    )
+    with emulator:
+        yield emulator

@@ -6,9 +6,10 @@ call raised, 2 when the call could not even be loaded (version mismatch,
 corrupt payload, unreachable storage).
 
 An array child finds its index, in this order, from ``--index``,
-``AWS_BATCH_JOB_ARRAY_INDEX`` (AWS Batch), ``CLOUDEXEC_ARRAY_INDEX`` (set by
-the Azure and local providers) or ``AZ_BATCH_TASK_ID`` (Azure task ids start
-at 10000001 for child 0).
+``AWS_BATCH_JOB_ARRAY_INDEX`` (AWS Batch, plus ``CLOUDEXEC_ARRAY_OFFSET`` for
+arrays split into parts), ``CLOUDEXEC_ARRAY_INDEX`` (set by providers that
+run a child as a plain job) or ``AZ_BATCH_TASK_ID`` (Azure task ids start at
+10000001 for child 0).
 
 Cold start matters, every job pays it: this module imports only the standard
 library at top level; dill comes in to unpickle, and fsspec (with s3fs or
@@ -47,11 +48,18 @@ def _storage_options() -> dict[str, Any] | None:
 
 
 def array_index_from_env() -> int | None:
-    """The array child index the provider gave this process, if any."""
-    for var in ("AWS_BATCH_JOB_ARRAY_INDEX", "CLOUDEXEC_ARRAY_INDEX"):
-        value = os.environ.get(var)
-        if value not in (None, ""):
-            return int(value)
+    """The array child index the provider gave this process, if any.
+
+    An AWS array split into parts (AWS allows 10,000 children per array) sets
+    ``CLOUDEXEC_ARRAY_OFFSET`` on each part: the global index is the part's
+    ``AWS_BATCH_JOB_ARRAY_INDEX`` plus that offset.
+    """
+    aws = os.environ.get("AWS_BATCH_JOB_ARRAY_INDEX")
+    if aws not in (None, ""):
+        return int(aws) + int(os.environ.get("CLOUDEXEC_ARRAY_OFFSET") or 0)
+    explicit = os.environ.get("CLOUDEXEC_ARRAY_INDEX")
+    if explicit not in (None, ""):
+        return int(explicit)
     task_id = os.environ.get("AZ_BATCH_TASK_ID")
     if task_id and task_id.isdigit():
         return int(task_id) - AZURE_FIRST_CHILD_TASK_ID

@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import Any
 
 from cloudexec import _payload
 from cloudexec._base import BatchExecutor
@@ -94,6 +94,9 @@ class _Task:
         self.history: list[str] = [S.SUBMITTED.value]
 
     def set(self, status: LocalJobStatus) -> None:
+        counts = self.job.counts
+        counts[self.status] -= 1
+        counts[status] += 1
         self.status = status
         self.history.append(status.value)
 
@@ -128,28 +131,28 @@ class _LocalJob:
         self.env = env
         self.is_array = spec.array_size is not None
         self.tasks = [_Task(self, i) for i in range(spec.array_size or 0)] if self.is_array else [_Task(self, None)]
+        # Kept up to date by _Task.set, so the job's status costs O(1), not O(children).
+        self.counts: dict[LocalJobStatus, int] = {s: 0 for s in S}
+        self.counts[S.SUBMITTED] = len(self.tasks)
         self.runnable: deque[_Task] = deque()
         self.workers: list[_Worker] = []
         self.skip: set[int | None] = set()  # children withdrawn from a worker's pipe
         self.persisted: str | None = None
 
     def status(self) -> LocalJobStatus:
-        statuses = [t.status for t in self.tasks]
-        if all(s.terminal for s in statuses):
-            return S.SUCCEEDED if all(s is S.SUCCEEDED for s in statuses) else S.FAILED
-        if any(s is S.RUNNING for s in statuses) or any(s.terminal for s in statuses):
+        c = self.counts
+        ended = c[S.SUCCEEDED] + c[S.FAILED]
+        if ended == len(self.tasks):
+            return S.FAILED if c[S.FAILED] else S.SUCCEEDED
+        if c[S.RUNNING] or ended:
             return S.RUNNING
-        if any(s is S.RUNNABLE for s in statuses):
-            return S.RUNNABLE
-        return S.SUBMITTED
+        return S.RUNNABLE if c[S.RUNNABLE] else S.SUBMITTED
 
     def info(self) -> JobInfo:
         if not self.is_array:
             return self.tasks[0].info()
         status = self.status()
-        counts: dict[str, int] = {s.value: 0 for s in S}
-        for task in self.tasks:
-            counts[task.status.value] += 1
+        counts = {s.value: n for s, n in self.counts.items()}
         failed = counts[S.FAILED.value]
         reason = f"{failed} of {len(self.tasks)} array children failed" if status is S.FAILED else None
         return JobInfo(status=status, status_reason=reason, provider_job_id=self.job_id, status_counts=counts)
@@ -187,7 +190,7 @@ def _pid_alive(pid: int | None) -> bool:
 
 # Children queued to one warm worker beyond the one it runs: hides the round
 # trip between a child's end and the next child's start.
-_PIPELINE = 2
+_PIPELINE = 4
 
 
 class _Worker:
@@ -407,18 +410,31 @@ class _Scheduler:
         worker = _Worker(job, proc)
         job.workers.append(worker)
         self.free_vcpus -= job.vcpus
-        control = os.fdopen(read_fd, "r")
-        threading.Thread(target=self._read_worker, args=(worker, control), daemon=True).start()
+        threading.Thread(target=self._read_worker, args=(worker, read_fd), daemon=True).start()
         return worker
 
-    def _read_worker(self, worker: _Worker, control: IO[str]) -> None:
-        for line in control:
-            parts = line.split()
-            if parts[0] == "start":
-                self._event("wstart", (worker, int(parts[1])))
-            elif parts[0] == "exit":
-                self._event("wexit", (worker, int(parts[1]), int(parts[2])))
-        control.close()
+    def _read_worker(self, worker: _Worker, read_fd: int) -> None:
+        # Read whatever lines are there and queue them under one lock: a
+        # 1,000-child array would otherwise wake the scheduler 2,000 times.
+        buffer = b""
+        while True:
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            events: list[tuple[str, Any]] = []
+            for line in lines:
+                parts = line.split()
+                if parts[0] == b"start":
+                    events.append(("wstart", (worker, int(parts[1]))))
+                elif parts[0] == b"exit":
+                    events.append(("wexit", (worker, int(parts[1]), int(parts[2]))))
+            if events:
+                with self.cond:
+                    self.events.extend(events)
+                    self.cond.notify_all()
+        os.close(read_fd)
         worker.proc.wait()
         self._event("weof", worker)
 

@@ -252,3 +252,41 @@ def test_libraries_that_take_an_executor(make_executor: Any) -> None:
         jobs.sphere, [(-2, 2), (-2, 2)], workers=ex.map, updating="deferred", maxiter=3, popsize=4, seed=1, polish=False
     )
     assert result.nfev > 0 and result.fun < 8
+
+
+@pytest.mark.timeout(60)
+def test_runner_refuses_a_call_from_another_python_with_both_versions(tmp_path: Any) -> None:
+    from cloudexec import _payload
+    from cloudexec._storage import LocalStore
+    from cloudexec.errors import VersionMismatchError
+
+    store = LocalStore(str(tmp_path / "job"))
+    body = _payload._dill().dumps((jobs.double, (1,), {}))
+    store.write(_payload.CALL, _payload.pack_raw("call", body, python="3.99.0"))
+    proc = subprocess.run([sys.executable, "-m", "cloudexec.runner", store.url], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Python 3.99.0" in proc.stderr
+    _, outcomes = _payload.unpack(store.read(_payload.RESULT))
+    with pytest.raises(VersionMismatchError, match=r"Python 3\.99\.0.*runs Python 3\.\d+"):
+        _payload.raise_or_return(outcomes)
+
+
+@pytest.mark.timeout(60)
+def test_runner_on_local_storage_imports_no_cloud_or_fsspec_code(tmp_path: Any) -> None:
+    from cloudexec import _payload
+    from cloudexec._storage import LocalStore
+
+    store = LocalStore(str(tmp_path / "job"))
+    store.write(_payload.CALL, _payload.pack("call", (abs, (-3,), {})))
+    out = run_script(
+        f"""
+        import sys
+        from cloudexec import runner
+        assert runner.run_job({store.url!r}) == 0
+        print(sorted(m for m in ("fsspec", "boto3", "s3fs", "adlfs", "azure", "concurrent.futures.process")
+                     if m in sys.modules))
+        """
+    )
+    assert out.strip() == "[]"
+    _, outcomes = _payload.unpack(store.read(_payload.RESULT))
+    assert _payload.raise_or_return(outcomes) == 3

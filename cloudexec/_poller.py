@@ -36,6 +36,10 @@ _MISSING_POLLS = 5
 _MISSING_S = 30.0
 
 
+def future_done(record: _JobRecord) -> bool:
+    return record.future is not None and record.future.done()
+
+
 class Manager:
     """Dispatcher and poller for one executor (and its `with_settings` views)."""
 
@@ -368,8 +372,12 @@ class Manager:
                     error = job_failed(record, index, child_info, self.core.provider)
                     self._finish_child(record, index, error)
                 changed = True
-        if changed and len(record.children_done) == len(record.children):
+        # The array's own future ends with the array job (so that its properties
+        # are final when result() returns), even if every child already has a result.
+        ended = final or accept_errors
+        if ended and len(record.children_done) == len(record.children) and not future_done(record):
             self._finish_array(record)
+            changed = True
         return changed
 
     def _finish_child(self, record: _JobRecord, index: int, outcomes: list[Any] | BaseException) -> None:

@@ -331,14 +331,15 @@ class AWSBatchEmulator:
         # of the bare emulator do not need.
         from cloudexec.providers.aws import AWSBatchExecutor
 
-        return AWSBatchExecutor(
-            job_queue=self.job_queue,
-            job_definition=self.job_definition,
-            io_bucket=self.io_url,
-            session=self.session(),
-            endpoint_url=self.endpoint_url,
-            **kwargs,
-        )
+        options: dict[str, Any] = {
+            "job_queue": self.job_queue,
+            "job_definition": self.job_definition,
+            "io_bucket": self.io_url,
+            "session": self.session(),
+            "endpoint_url": self.endpoint_url,
+        }
+        options.update(kwargs)  # the caller's values win, e.g. a wrong queue in a test
+        return AWSBatchExecutor(**options)
 
     @property
     def api_calls(self) -> dict[str, int]:

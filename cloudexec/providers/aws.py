@@ -1,0 +1,555 @@
+"""`AWSBatchExecutor`: AWS Batch jobs, S3 storage, CloudWatch logs.
+
+``submit`` is one SubmitJob; ``map``/``submit_map`` one array job
+(``arrayProperties.size``). The runner command and the job's storage URL
+travel in ``containerOverrides``; the container image is the job
+definition's (AWS has no per-job image override).
+
+AWS limits this module works within (AWS Batch API reference):
+
+- arrays have 2..10,000 children: a one-item map is submitted as a plain job
+  that knows it is child 0, and larger maps are split into several array jobs
+  whose children learn their global index from ``CLOUDEXEC_ARRAY_OFFSET``;
+- DescribeJobs takes at most 100 ids; about 50 Batch calls per second per
+  account are allowed, so polls are bulk and throttling
+  (``TooManyRequestsException``) is retried by botocore's adaptive retry mode;
+- ``timeout.attemptDurationSeconds`` is at least 60 s, ``retryStrategy.attempts``
+  1..10, job names at most 128 letters, digits, ``-`` and ``_``;
+- a SubmitJob request is at most 30 KiB;
+- job metadata is deleted 24 h after a job ends: the result stays in S3 and
+  properties read ``None``.
+
+Provider references (stored in each job's manifest) are the AWS job id of a
+single job, or ``array:<id>/<size>,<id>/<size>…`` for an array split into parts
+(a part of size 1 is a plain job).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from cloudexec._base import ArrayFuture, BatchExecutor, BatchFuture
+from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
+from cloudexec.errors import CloudExecError, SubmissionError
+from cloudexec.settings import COMMON_SETTINGS, JobSettings
+
+__all__ = ["AWSBatchExecutor", "AWSBatchFuture", "AWSArrayFuture", "AWSJobStatus", "AWSBatchProvider"]
+
+LOG_GROUP = "/aws/batch/job"
+MAX_ARRAY_SIZE = 10_000
+MIN_TIMEOUT_S = 60
+MAX_SUBMIT_BYTES = 30 * 1024
+_DESCRIBE_BATCH = 100
+_GENERIC_REASON = "Essential container in task exited"
+
+
+class AWSJobStatus(JobStatus):
+    """The seven AWS Batch job states, named as AWS names them."""
+
+    SUBMITTED = ("SUBMITTED", Phase.QUEUED)
+    PENDING = ("PENDING", Phase.QUEUED)
+    RUNNABLE = ("RUNNABLE", Phase.QUEUED)
+    STARTING = ("STARTING", Phase.QUEUED)
+    RUNNING = ("RUNNING", Phase.RUNNING)
+    SUCCEEDED = ("SUCCEEDED", Phase.SUCCEEDED)
+    FAILED = ("FAILED", Phase.FAILED)
+
+
+_ORDER: list[JobStatus] = list(AWSJobStatus)
+
+
+def _rank(status: JobStatus) -> int:
+    return _ORDER.index(status)
+
+
+def sanitize_job_name(name: str) -> str:
+    """Make ``name`` a valid AWS Batch job name (≤ 128 letters, digits, ``-``, ``_``; alphanumeric first)."""
+    clean = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_-") or "cloudexec"
+    if not clean[0].isalnum():
+        clean = "j" + clean
+    return clean[:128]
+
+
+def _client_error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code else None
+    return None
+
+
+def _parse_ref(ref: str) -> list[tuple[str, int | None]]:
+    """``[(aws_job_id, size or None for a single job)]``."""
+    if not ref.startswith("array:"):
+        return [(ref, None)]
+    parts: list[tuple[str, int | None]] = []
+    for item in ref[len("array:") :].split(","):
+        job_id, size = item.rsplit("/", 1)
+        parts.append((job_id, int(size)))
+    return parts
+
+
+def _child_locator(ref: str, index: int) -> str | None:
+    """The AWS job id of global array child ``index``."""
+    offset = 0
+    for job_id, size in _parse_ref(ref):
+        size = size or 1
+        if index < offset + size:
+            return job_id if size == 1 else f"{job_id}:{index - offset}"
+        offset += size
+    return None
+
+
+def _job_info(job: dict[str, Any]) -> JobInfo:
+    """Turn one DescribeJobs entry into a `JobInfo`."""
+    container = job.get("container") or {}
+    attempts = job.get("attempts") or []
+    last = (attempts[-1].get("container") or {}) if attempts else {}
+    exit_code = container.get("exitCode", last.get("exitCode"))
+    status_reason = job.get("statusReason")
+    detail = container.get("reason") or last.get("reason")
+    # AWS puts the specific cause (OutOfMemoryError: ...) in container.reason
+    # and a generic "Essential container in task exited" in statusReason.
+    if detail and (not status_reason or status_reason == _GENERIC_REASON):
+        status_reason = detail
+    counts = None
+    summary = (job.get("arrayProperties") or {}).get("statusSummary")
+    if summary:
+        counts = {s.value: int(summary.get(s.value, 0)) for s in AWSJobStatus}
+    extra: dict[str, Any] = {
+        "job_name": job.get("jobName"),
+        "job_queue": job.get("jobQueue"),
+        "log_stream_name": container.get("logStreamName") or last.get("logStreamName"),
+        "created_at": job.get("createdAt"),
+        "started_at": job.get("startedAt"),
+        "stopped_at": job.get("stoppedAt"),
+    }
+    index = (job.get("arrayProperties") or {}).get("index")
+    if index is not None:
+        extra["array_index"] = index
+    status = job.get("status")
+    return JobInfo(
+        status=AWSJobStatus.parse(status) if status else None,
+        exit_code=exit_code,
+        status_reason=status_reason,
+        provider_job_id=job.get("jobId"),
+        attempts=len(attempts) if attempts else (0 if status not in ("SUCCEEDED", "FAILED") else None),
+        status_counts=counts,
+        extra=extra,
+    )
+
+
+def _combine(parts: list[JobInfo | None], sizes: list[int]) -> JobInfo | None:
+    """One `JobInfo` for an array submitted as several AWS jobs."""
+    if all(p is None for p in parts):
+        return None
+    counts = {s.value: 0 for s in AWSJobStatus}
+    for part, size in zip(parts, sizes):
+        if part is None:
+            continue
+        if part.status_counts:
+            for key, value in part.status_counts.items():
+                counts[key] = counts.get(key, 0) + value
+        elif part.status is not None:
+            counts[part.status.value] += size
+    statuses = [p.status for p in parts if p is not None and p.status is not None]
+    if len(statuses) < len(parts) and not all(s.terminal for s in statuses):
+        status = min(statuses, key=_rank) if statuses else None
+    elif statuses and all(s.terminal for s in statuses) and len(statuses) == len(parts):
+        status = AWSJobStatus.SUCCEEDED if all(s is AWSJobStatus.SUCCEEDED for s in statuses) else AWSJobStatus.FAILED
+    else:
+        live = [s for s in statuses if not s.terminal]
+        status = AWSJobStatus.RUNNING if AWSJobStatus.RUNNING in live else min(live, key=_rank)
+    reasons = [p.status_reason for p in parts if p is not None and p.status_reason]
+    first = next(p for p in parts if p is not None)
+    return JobInfo(
+        status=status,
+        status_reason="; ".join(dict.fromkeys(reasons)) or None,
+        provider_job_id=first.provider_job_id,
+        status_counts=counts,
+        extra={"provider_job_ids": [p.provider_job_id if p else None for p in parts]},
+    )
+
+
+def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class AWSBatchProvider(Provider):
+    """Talks to AWS Batch and CloudWatch Logs through boto3 clients.
+
+    Args:
+        batch: a boto3 ``batch`` client.
+        logs: a boto3 ``logs`` client.
+        job_queue: job queue name or ARN.
+        job_definition: job definition name, ``name:revision`` or ARN.
+        max_array_size: children per AWS array job (AWS's limit; smaller in tests).
+    """
+
+    name = "aws"
+    status_enum = AWSJobStatus
+    settings = COMMON_SETTINGS | {"tags", "scheduling_priority", "share_identifier"}
+    poll_interval_s = (1.0, 10.0)
+
+    def __init__(
+        self,
+        batch: Any,
+        logs: Any,
+        *,
+        job_queue: str,
+        job_definition: str,
+        max_array_size: int = MAX_ARRAY_SIZE,
+    ) -> None:
+        self.batch = batch
+        self.logs = logs
+        self.job_queue = job_queue
+        self.job_definition = job_definition
+        self.max_array_size = max_array_size
+
+    # -- settings ------------------------------------------------------------
+    def validate_settings(self, settings: JobSettings) -> None:
+        if settings.timeout_s is not None and settings.timeout_s < MIN_TIMEOUT_S:
+            raise ValueError(
+                f"timeout={settings.timeout_s:g} s is below AWS Batch's minimum attempt duration of "
+                f"{MIN_TIMEOUT_S} s; ask for timeout>={MIN_TIMEOUT_S}"
+            )
+        if settings.memory_mib is not None and settings.memory_mib < 4:
+            raise ValueError(f"memory={settings.memory_mib} MiB is below AWS Batch's minimum of 4 MiB")
+
+    def check_environment(self) -> None:
+        """Fail at construction when the queue or the job definition is unusable."""
+        try:
+            queues = self.batch.describe_job_queues(jobQueues=[self.job_queue]).get("jobQueues", [])
+        except Exception as exc:
+            raise _environment_error(exc, f"job queue {self.job_queue!r}") from exc
+        if not queues:
+            raise ValueError(
+                f"job_queue={self.job_queue!r} does not exist in this account/region; "
+                "give the name or ARN of an existing AWS Batch job queue"
+            )
+        if queues[0].get("state") not in (None, "ENABLED"):
+            raise ValueError(f"job_queue={self.job_queue!r} is {queues[0].get('state')}; enable it first")
+        try:
+            found = self.batch.describe_job_definitions(jobDefinitions=[self.job_definition]).get("jobDefinitions", [])
+            if not found and ":" not in self.job_definition:
+                found = self.batch.describe_job_definitions(
+                    jobDefinitionName=self.job_definition, status="ACTIVE"
+                ).get("jobDefinitions", [])
+        except Exception as exc:
+            raise _environment_error(exc, f"job definition {self.job_definition!r}") from exc
+        if not [d for d in found if d.get("status", "ACTIVE") == "ACTIVE"]:
+            raise ValueError(
+                f"job_definition={self.job_definition!r} is not an active AWS Batch job definition; "
+                "register one (see container/README.md) and give its name, name:revision or ARN"
+            )
+
+    # -- submit --------------------------------------------------------------
+    def _request(self, spec: JobSpec, *, size: int | None, env: dict[str, str], suffix: str = "") -> dict[str, Any]:
+        s = spec.settings
+        requirements = []
+        if s.vcpus is not None:
+            requirements.append({"type": "VCPU", "value": str(s.vcpus)})
+        if s.memory_mib is not None:
+            requirements.append({"type": "MEMORY", "value": str(s.memory_mib)})
+        if s.gpus:
+            requirements.append({"type": "GPU", "value": str(s.gpus)})
+        overrides: dict[str, Any] = {
+            "command": list(spec.command),
+            "environment": [{"name": k, "value": v} for k, v in sorted(env.items())],
+        }
+        if requirements:
+            overrides["resourceRequirements"] = requirements
+        request: dict[str, Any] = {
+            "jobName": sanitize_job_name(spec.name + suffix),
+            "jobQueue": self.job_queue,
+            "jobDefinition": self.job_definition,
+            "containerOverrides": overrides,
+        }
+        if size is not None:
+            request["arrayProperties"] = {"size": size}
+        if s.timeout_s is not None:
+            request["timeout"] = {"attemptDurationSeconds": int(math.ceil(s.timeout_s))}
+        if s.retries is not None:
+            request["retryStrategy"] = {"attempts": s.retries + 1}
+        if s.tags:
+            request["tags"] = dict(s.tags)
+        if s.scheduling_priority is not None:
+            request["schedulingPriorityOverride"] = s.scheduling_priority
+        if s.share_identifier is not None:
+            request["shareIdentifier"] = s.share_identifier
+        size_bytes = len(json.dumps(request).encode())
+        if size_bytes > MAX_SUBMIT_BYTES:
+            raise SubmissionError(
+                f"job {spec.job_id}: the SubmitJob request is {size_bytes} bytes, above AWS Batch's 30 KiB "
+                "limit; use fewer or shorter tags and job names",
+                job_id=spec.job_id,
+            )
+        return request
+
+    def _submit_one(self, spec: JobSpec, request: dict[str, Any]) -> str:
+        try:
+            response = self.batch.submit_job(**request)
+        except Exception as exc:
+            code = _client_error_code(exc)
+            message = str(exc)
+            hint = "check the job queue, job definition and settings"
+            if "memory" in message.lower():
+                hint = "ask for memory the job definition and compute environment allow"
+            raise SubmissionError(
+                f"AWS Batch refused job {spec.job_id} ({code or type(exc).__name__}): {message}; {hint}",
+                job_id=spec.job_id,
+                code=code,
+            ) from exc
+        return str(response["jobId"])
+
+    def submit(self, spec: JobSpec) -> str:
+        env = {"CLOUDEXEC_JOB_ID": spec.job_id, **spec.environment}
+        if spec.array_size is None:
+            return self._submit_one(spec, self._request(spec, size=None, env=env))
+        parts: list[tuple[str, int]] = []
+        try:
+            for offset in range(0, spec.array_size, self.max_array_size):
+                size = min(self.max_array_size, spec.array_size - offset)
+                suffix = f"-part{offset // self.max_array_size}" if spec.array_size > self.max_array_size else ""
+                if size == 1:
+                    # AWS arrays need 2+ children: a lone child runs as a plain job.
+                    part_env = {**env, "CLOUDEXEC_ARRAY_INDEX": str(offset)}
+                    request = self._request(spec, size=None, env=part_env, suffix=suffix)
+                else:
+                    part_env = {**env, "CLOUDEXEC_ARRAY_OFFSET": str(offset)} if offset else env
+                    request = self._request(spec, size=size, env=part_env, suffix=suffix)
+                parts.append((self._submit_one(spec, request), size))
+        except BaseException:
+            # Nothing half-submitted: stop the parts that did go through.
+            for job_id, _ in parts:
+                try:
+                    self.batch.terminate_job(jobId=job_id, reason="Terminated by cloudexec: array submission failed")
+                except Exception:  # noqa: BLE001
+                    pass
+            raise
+        return "array:" + ",".join(f"{job_id}/{size}" for job_id, size in parts)
+
+    # -- describe --------------------------------------------------------------
+    def _describe_ids(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        unique = list(dict.fromkeys(ids))
+        for batch in _batches(unique, _DESCRIBE_BATCH):
+            for job in self.batch.describe_jobs(jobs=list(batch)).get("jobs", []):
+                found[job["jobId"]] = job
+        return found
+
+    def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
+        parsed = {ref: _parse_ref(ref) for ref in refs}
+        jobs = self._describe_ids([job_id for parts in parsed.values() for job_id, _ in parts])
+        out: dict[str, JobInfo] = {}
+        for ref, parts in parsed.items():
+            infos = [_job_info(jobs[job_id]) if job_id in jobs else None for job_id, _ in parts]
+            if not ref.startswith("array:"):
+                if infos[0] is not None:
+                    out[ref] = infos[0]
+                continue
+            combined = _combine(infos, [size or 1 for _, size in parts])
+            if combined is not None:
+                out[ref] = combined
+        return out
+
+    def describe_children(self, ref: str, size: int) -> list[JobInfo | None]:
+        locators = [_child_locator(ref, i) for i in range(size)]
+        jobs = self._describe_ids([loc for loc in locators if loc])
+        return [_job_info(jobs[loc]) if loc and loc in jobs else None for loc in locators]
+
+    def describe_child(self, ref: str, size: int, index: int) -> JobInfo | None:
+        locator = _child_locator(ref, index)
+        if locator is None:
+            return None
+        job = self._describe_ids([locator]).get(locator)
+        return _job_info(job) if job else None
+
+    # -- cancel and logs ---------------------------------------------------------
+    def cancel(self, ref: str, reason: str, *, index: int | None = None) -> None:
+        ids = [job_id for job_id, _ in _parse_ref(ref)] if index is None else [_child_locator(ref, index) or ""]
+        jobs = self._describe_ids([i for i in ids if i])
+        for job_id in ids:
+            job = jobs.get(job_id)
+            if job is None:
+                continue
+            status = AWSJobStatus.parse(job["status"])
+            if status.terminal:
+                continue
+            # CancelJob only stops jobs that have not reached STARTING; TerminateJob
+            # stops running ones (and the children of an array).
+            if status in (AWSJobStatus.SUBMITTED, AWSJobStatus.PENDING, AWSJobStatus.RUNNABLE):
+                self.batch.cancel_job(jobId=job_id, reason=reason)
+            self.batch.terminate_job(jobId=job_id, reason=reason)
+
+    def read_log(self, ref: str, *, index: int | None = None, stream: str = "stdout") -> str | None:
+        if stream != "stdout":
+            return None  # CloudWatch keeps stdout and stderr in one stream: see job_log
+        job_id = _parse_ref(ref)[0][0] if index is None else _child_locator(ref, index)
+        if not job_id:
+            return None
+        job = self._describe_ids([job_id]).get(job_id)
+        if job is None:
+            return None
+        stream_name = _job_info(job).extra.get("log_stream_name")
+        if not stream_name:
+            return None
+        lines: list[str] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"logGroupName": LOG_GROUP, "logStreamName": stream_name, "startFromHead": True}
+            if token:
+                kwargs["nextToken"] = token
+            try:
+                page = self.logs.get_log_events(**kwargs)
+            except Exception as exc:  # noqa: BLE001
+                if _client_error_code(exc) == "ResourceNotFoundException":
+                    return None
+                raise
+            lines.extend(event["message"] for event in page.get("events", []))
+            next_token = page.get("nextForwardToken")
+            if not page.get("events") or next_token == token:
+                break
+            token = next_token
+        return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+    def find_job_url(self, provider_job_id: str) -> str | None:
+        job = self._describe_ids([provider_job_id.split(":")[0]]).get(provider_job_id.split(":")[0])
+        if job is None:
+            return None
+        command = (job.get("container") or {}).get("command") or []
+        for i, arg in enumerate(command):
+            if arg == "cloudexec.runner" and i + 1 < len(command):
+                return str(command[i + 1])
+        return None
+
+
+def _environment_error(exc: BaseException, what: str) -> CloudExecError:
+    name = type(exc).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return CloudExecError(
+            "no AWS credentials found: configure them (aws configure, AWS_PROFILE, an instance role) "
+            "or pass session=boto3.Session(profile_name=...)"
+        )
+    if name == "NoRegionError":
+        return CloudExecError("no AWS region configured: set AWS_DEFAULT_REGION or pass a boto3.Session(region_name=...)")
+    code = _client_error_code(exc)
+    return SubmissionError(f"cannot check the {what} ({code or name}): {exc}", code=code)
+
+
+class AWSBatchFuture(BatchFuture[Any]):
+    """A `BatchFuture` of an AWS Batch job (or array child); adds AWS's own fields."""
+
+    @property
+    def log_stream_name(self) -> str | None:
+        """The CloudWatch Logs stream of the latest attempt (group ``/aws/batch/job``)."""
+        info = self._current_info()
+        return info.extra.get("log_stream_name") if info else None
+
+
+class AWSArrayFuture(ArrayFuture[Any]):
+    """An `ArrayFuture` of an AWS Batch array job (possibly split into parts)."""
+
+
+class AWSBatchExecutor(BatchExecutor):
+    """Run calls as AWS Batch jobs; results travel through S3.
+
+    Example:
+        >>> ex = AWSBatchExecutor(job_queue="q", job_definition="cloudexec:3",   # doctest: +SKIP
+        ...                       io_bucket="s3://my-bucket/cloudexec")
+        >>> ex.with_settings(vcpus=4, memory="8 GiB").submit(train, cfg)          # doctest: +SKIP
+
+    Args:
+        job_queue: AWS Batch job queue name or ARN (required).
+        job_definition: job definition name, ``name:revision`` or ARN (required);
+            its image must have cloudexec installed (``container/Dockerfile``).
+        io_bucket: ``s3://bucket/prefix`` for calls and results (required).
+        session: a ``boto3.Session`` (default: boto3's default credential chain);
+            its credentials and region are used for S3 too.
+        endpoint_url: talk to another endpoint (an emulator) instead of AWS.
+        max_workers: jobs in flight (an array job counts once); default 1000.
+        poll_interval_s: (first, longest) pause between status polls.
+        retry_mode: botocore retry mode for throttling (``"adaptive"`` or ``"standard"``).
+        max_api_attempts: botocore's total attempts per API call.
+        max_array_size: children per AWS array job (AWS allows 10,000).
+        **settings: default job settings: ``vcpus``, ``memory``, ``gpus``,
+            ``timeout`` (≥ 60 s), ``retries`` (0..9), ``job_name``, ``tags``,
+            ``scheduling_priority``, ``share_identifier``.
+
+    Raises:
+        ValueError: a missing or malformed argument, an unknown queue or definition.
+        CloudExecError: no credentials or region.
+        StorageError: the bucket cannot be written.
+    """
+
+    future_class = AWSBatchFuture
+    array_future_class = AWSArrayFuture
+
+    def __init__(
+        self,
+        job_queue: str,
+        job_definition: str,
+        io_bucket: str,
+        *,
+        session: Any = None,
+        endpoint_url: str | None = None,
+        max_workers: int | None = None,
+        poll_interval_s: tuple[float, float] | None = None,
+        retry_mode: str = "adaptive",
+        max_api_attempts: int = 10,
+        max_array_size: int = MAX_ARRAY_SIZE,
+        **settings: Any,
+    ) -> None:
+        for name, value in (("job_queue", job_queue), ("job_definition", job_definition)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name} must be an AWS Batch {name.replace('_', ' ')} name or ARN; got {value!r}")
+        if not isinstance(io_bucket, str) or not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?", io_bucket):
+            raise ValueError(f"io_bucket must be an s3:// URL such as 's3://my-bucket/cloudexec'; got {io_bucket!r}")
+        if not 2 <= max_array_size <= MAX_ARRAY_SIZE:
+            raise ValueError(f"max_array_size must be from 2 to {MAX_ARRAY_SIZE}; got {max_array_size!r}")
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as exc:
+            raise ImportError("AWSBatchExecutor needs boto3 and s3fs: pip install 'cloudexec[aws]'") from exc
+        session = session or boto3.Session()
+        retries: Any = {"mode": retry_mode, "max_attempts": max_api_attempts}
+        config = Config(retries=retries)
+        batch = session.client("batch", endpoint_url=endpoint_url, config=config)
+        logs = session.client("logs", endpoint_url=endpoint_url, config=config)
+        provider = AWSBatchProvider(
+            batch, logs, job_queue=job_queue, job_definition=job_definition, max_array_size=max_array_size
+        )
+        provider.check_environment()
+        super().__init__(
+            provider,
+            io_bucket.rstrip("/"),
+            storage_options=_s3fs_options(session, endpoint_url, retry_mode, max_api_attempts),
+            max_workers=max_workers,
+            poll_interval_s=poll_interval_s,
+            **settings,
+        )
+
+
+def _s3fs_options(session: Any, endpoint_url: str | None, retry_mode: str, attempts: int) -> dict[str, Any]:
+    """s3fs options carrying the boto3 session's credentials, region and endpoint."""
+    options: dict[str, Any] = {"config_kwargs": {"retries": {"mode": retry_mode, "max_attempts": attempts}}}
+    creds = session.get_credentials()
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        options.update(key=frozen.access_key, secret=frozen.secret_key)
+        if frozen.token:
+            options["token"] = frozen.token
+    client_kwargs: dict[str, Any] = {}
+    if endpoint_url:
+        client_kwargs["endpoint_url"] = endpoint_url
+    elif session.region_name:
+        client_kwargs["region_name"] = session.region_name
+    if client_kwargs:
+        options["client_kwargs"] = client_kwargs
+    return options

@@ -187,6 +187,17 @@ def new_token() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def make_temp_root() -> str:
-    """A fresh private temporary folder, as a ``file://`` URL."""
-    return "file://" + tempfile.mkdtemp(prefix="cloudexec-")
+def make_temp_root(*, remove_at_exit: bool = True) -> str:
+    """A fresh private temporary folder, as a ``file://`` URL.
+
+    Removed when the interpreter exits normally (like the files of a
+    ``ProcessPoolExecutor``, nothing is left behind); pass an ``io_root`` of
+    your own to keep jobs for re-attaching from another process.
+    """
+    path = tempfile.mkdtemp(prefix="cloudexec-")
+    if remove_at_exit:
+        import atexit
+        import shutil
+
+        atexit.register(shutil.rmtree, path, True)
+    return "file://" + path

@@ -710,8 +710,9 @@ class LocalBatchExecutor(BatchExecutor):
 
     Args:
         io_root: storage folder for calls and results: a local path or
-            ``file://`` URL (default: a new temporary folder), or any fsspec URL
-            that local processes can reach (not ``memory://``).
+            ``file://`` URL (default: a new temporary folder, removed when the
+            interpreter exits), or any fsspec URL that local processes can reach
+            (not ``memory://``).
         max_workers: jobs in flight at once (an array counts once); default the
             number of CPUs, like ``ProcessPoolExecutor``.
         max_vcpus: vCPUs the local "compute environment" packs jobs onto

@@ -86,6 +86,7 @@ class _JobRecord:
         self.future: BatchFuture[Any] | None = None
         self.children: list[BatchFuture[Any]] = []
         self.children_done: set[int] = set()
+        self.deferred: set[int] = set()  # children whose stored result is an error, kept until the end
         self.missing_polls = 0
         self.first_missing: float | None = None
         self.attached = False  # re-attached jobs take no worker slot

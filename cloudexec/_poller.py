@@ -352,10 +352,13 @@ class Manager:
             index = int(stem)
             if index in record.children_done or index >= len(record.children):
                 continue
+            if index in record.deferred and not (final or accept_errors):
+                continue  # a failed child's result: re-read only once the array ended
             outcomes = self._read_outcomes(store, f"{_payload.RESULTS_DIR}/{name}")
             if outcomes is None:
                 continue
             if isinstance(outcomes, list) and not (final or accept_errors) and any(o[0] != "ok" for o in outcomes):
+                record.deferred.add(index)
                 continue
             self._finish_child(record, index, outcomes)
             changed = True

@@ -98,7 +98,14 @@ def test_properties_and_cloudwatch_log(make_executor: Any, emu: Any) -> None:
 @pytest.mark.timeout(60)
 def test_settings_reach_submit_job(make_executor: Any, emu: Any) -> None:
     ex = make_executor().with_settings(
-        vcpus=1, memory="1 GiB", timeout=120, retries=2, tags={"team": "sim"}, job_name="my job/№1"
+        vcpus=1,
+        memory="1 GiB",
+        timeout=120,
+        retries=2,
+        tags={"team": "sim"},
+        job_name="my job/№1",
+        scheduling_priority=7,
+        share_identifier="blue",
     )
     fut = ex.submit(jobs.double, 3)
     assert fut.result(timeout=45) == 6
@@ -109,6 +116,7 @@ def test_settings_reach_submit_job(make_executor: Any, emu: Any) -> None:
     assert job["retryStrategy"]["attempts"] == 3
     assert job["tags"] == {"team": "sim"}
     assert job["jobName"] == "my_job_1"
+    assert job["schedulingPriority"] == 7 and job["shareIdentifier"] == "blue"
 
 
 @pytest.mark.parametrize(

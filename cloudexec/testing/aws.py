@@ -1192,6 +1192,8 @@ class _JobSpec:
     propagate_tags: bool
     platform_capabilities: list[str]
     overrides_chars: int
+    scheduling_priority: int | None = None
+    share_identifier: str | None = None
 
 
 def _build_spec(
@@ -1254,6 +1256,8 @@ def _build_spec(
         propagate_tags=bool(request.get("propagateTags", definition["propagateTags"])),
         platform_capabilities=definition["platformCapabilities"],
         overrides_chars=len(json.dumps(dict(overrides), separators=(",", ":"))) if overrides else 0,
+        scheduling_priority=request.get("schedulingPriorityOverride"),
+        share_identifier=request.get("shareIdentifier"),
     )
 
 
@@ -1698,6 +1702,10 @@ class _JobService:
             detail["timeout"] = spec.timeout
         if spec.tags and job.parent is None:
             detail["tags"] = spec.tags
+        if spec.scheduling_priority is not None:
+            detail["schedulingPriority"] = spec.scheduling_priority
+        if spec.share_identifier is not None:
+            detail["shareIdentifier"] = spec.share_identifier
         if job.status_reason is not None:
             detail["statusReason"] = job.status_reason
         if job.started_ms is not None:

@@ -191,6 +191,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.serve:
         return _serve(args.job_url, args.control_fd)
+    # -- Azure Batch File Conventions hook (issue 4) ---------------------------
+    # Only the Azure provider sets CLOUDEXEC_TASK_OUTPUT, so other providers
+    # import nothing more. The capture tees fds 1/2 and, when the run ends,
+    # uploads them and ./JobOutput/ to the job's blob container (see
+    # cloudexec._conventions).
+    capture = None
+    if os.environ.get("CLOUDEXEC_TASK_OUTPUT"):
+        from cloudexec._conventions import TaskOutputCapture
+
+        capture = TaskOutputCapture.start()
+    try:
+        return _run_parsed(args)
+    finally:
+        if capture is not None:
+            capture.finish()
+    # -- end of the hook ---------------------------------------------------------
+
+
+def _run_parsed(args: Any) -> int:
+    """Run the job the parsed command line names (the body of `main`)."""
     index = args.index
     if args.array and index is None:
         index = array_index_from_env()

@@ -71,6 +71,8 @@ if TYPE_CHECKING:
     from azure.batch import BatchClient
     from azure.core.credentials import AzureNamedKeyCredential
 
+    from cloudexec.providers.azure import AzureBatchExecutor
+
 __all__ = [
     "AzureBatchEmulator",
     "AzuriteNotFoundError",
@@ -303,15 +305,16 @@ class AzureBatchEmulator:
         """
         return {"AZURE_STORAGE_CONNECTION_STRING": self.blob_connection_string}
 
-    def executor(self, **kwargs: Any) -> Any:
+    def executor(self, **kwargs: Any) -> AzureBatchExecutor:
         """Return a ``cloudexec.providers.azure.AzureBatchExecutor`` wired to the emulator.
 
         Args:
-            **kwargs: Further executor arguments; they override the defaults
+            **kwargs: Further executor arguments (job settings, ``poll_interval_s``,
+                ``lro_polling_interval_s`` …); they override the defaults
                 (``pool_id``, ``batch_url``, ``credential``, ``storage``,
                 ``storage_options``).
         """
-        from cloudexec.providers.azure import AzureBatchExecutor  # type: ignore[import-not-found,unused-ignore]
+        from cloudexec.providers.azure import AzureBatchExecutor
 
         options: dict[str, Any] = {
             "pool_id": self.pool_id,

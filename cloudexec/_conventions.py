@@ -1,0 +1,244 @@
+"""Azure Batch File Conventions: where a task's logs and output files go in Blob storage.
+
+Azure's conventions (the ``Microsoft.Azure.Batch.Conventions.Files`` library
+and the portal's "saved files" view follow them) keep everything a job leaves
+behind in one blob container per job, next to the job's other storage::
+
+    job-<jobId>/                          one container per Azure job
+        <taskId>/$TaskLog/stdout.txt      the task's stdout
+        <taskId>/$TaskLog/stderr.txt      the task's stderr
+        <taskId>/$TaskOutput/<path>       every file the task wrote below ./JobOutput/
+
+Two sides use this module:
+
+* the Azure provider (client) derives the container name, creates the
+  container before the job starts, and lists / downloads what landed there;
+* the runner (inside the task) calls `TaskOutputCapture` only when the
+  provider set ``CLOUDEXEC_TASK_OUTPUT`` (the container's fsspec URL), so the
+  other providers' cold start does not change. This module imports only the
+  standard library; adlfs comes in through `cloudexec._storage` when the
+  upload happens, and the runner has already loaded it for its own storage.
+
+How stdout/stderr are captured: file descriptors 1 and 2 are *teed*. Each is
+replaced by a pipe whose reader thread forwards every chunk to the original
+descriptor (the node's ``$AZ_BATCH_TASK_DIR/stdout.txt``, so
+``future.job_log`` still streams from the node while the task runs) and also
+appends it to a private temporary file that is uploaded when the runner ends.
+Teeing the descriptors (rather than ``sys.stdout``) catches output of C
+extensions and subprocesses too, and it does not depend on how the node
+agent writes ``stdout.txt`` (for container tasks it is written by the agent,
+possibly late). The alternative, copying ``stdout.txt`` at the end, would
+miss the tail the agent had not flushed yet.
+
+What is not uploaded: a task that Azure kills (``maxWallClockTime``, terminate)
+never reaches the upload; its logs stay readable from the node's task files
+for the task's retention time, and cloudexec reads them from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import threading
+from typing import IO, Any
+
+__all__ = [
+    "ENV_VAR",
+    "OUTPUT_DIR",
+    "LOG_KIND",
+    "OUTPUT_KIND",
+    "container_name",
+    "log_blob",
+    "output_prefix",
+    "TaskOutputCapture",
+]
+
+#: Set by the Azure provider on every task: fsspec URL of the job's conventions container.
+ENV_VAR = "CLOUDEXEC_TASK_OUTPUT"
+#: Folder (relative to the task's working directory) whose files are uploaded.
+OUTPUT_DIR = "JobOutput"
+#: Azure's names for the two kinds of saved files (``TaskOutputKind`` in the conventions library).
+LOG_KIND = "$TaskLog"
+OUTPUT_KIND = "$TaskOutput"
+
+# Blob container names: 3-63 characters, lowercase letters, digits and single
+# hyphens, starting and ending with a letter or digit (Azure Storage naming rules).
+_CONTAINER_RE = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9]))*$")
+_MAX_CONTAINER = 63
+_HASH_CHARS = 16
+# How long the end of a run waits for a tee to drain: a subprocess the job left
+# running may keep the pipe open for ever, and the upload must not wait for it.
+_DRAIN_S = 2.0
+_CHUNK = 64 * 1024
+
+
+def container_name(job_id: str) -> str:
+    """The conventions container of an Azure job: ``job-<jobId>``, made a valid container name.
+
+    Azure job ids (1-64 of ``[A-Za-z0-9_-]``, case-insensitive) do not always
+    make valid container names. As the conventions library does, a name that
+    is valid as ``job-`` + the lower-cased id is used unchanged; any other is
+    sanitised (runs of characters other than ``a-z0-9`` become one hyphen),
+    truncated to leave room, and suffixed with ``-`` and 16 hex digits of the
+    id's SHA-1, so that two ids never share a container. cloudexec's own job
+    ids (``<name>-<yyyymmdd>-<hhmmss>-<hex8>``, at most 49 characters) always
+    take the unchanged form.
+
+    Args:
+        job_id: the Azure job id.
+
+    Returns:
+        A valid blob container name of at most 63 characters.
+    """
+    plain = "job-" + job_id.lower()
+    if _CONTAINER_RE.match(plain):
+        return plain
+    digest = hashlib.sha1(job_id.encode("utf-8")).hexdigest()[:_HASH_CHARS]
+    stem = re.sub(r"[^a-z0-9]+", "-", plain).strip("-")
+    stem = stem[: _MAX_CONTAINER - _HASH_CHARS - 1].rstrip("-")
+    return f"{stem}-{digest}"
+
+
+def log_blob(task_id: str, stream: str) -> str:
+    """Blob name (inside the container) of a task's ``stdout`` or ``stderr`` log."""
+    return f"{task_id}/{LOG_KIND}/{stream}.txt"
+
+
+def output_prefix(task_id: str) -> str:
+    """Blob folder (inside the container) of a task's output files."""
+    return f"{task_id}/{OUTPUT_KIND}"
+
+
+class _Tee:
+    """Duplicate everything written to file descriptor ``fd`` into a temporary file."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.original = os.dup(fd)
+        self.copy: IO[bytes] = tempfile.TemporaryFile()
+        self.lock = threading.Lock()
+        read_end, write_end = os.pipe()
+        self.read_end = read_end
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        self.thread = threading.Thread(target=self._pump, name=f"cloudexec-tee-{fd}", daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.read_end, _CHUNK)
+            except OSError:
+                return
+            if not chunk:
+                return
+            view = memoryview(chunk)
+            while view:
+                try:
+                    written = os.write(self.original, view)
+                except OSError:
+                    break  # the node's file is gone; still keep our copy
+                view = view[written:]
+            with self.lock:
+                if self.copy.closed:
+                    return
+                self.copy.write(chunk)
+
+    def stop(self) -> bytes:
+        """Put the original descriptor back and return everything captured so far."""
+        # dup2 closes the pipe's write end held at ``fd``; the reader sees EOF
+        # once no subprocess holds a copy of it.
+        os.dup2(self.original, self.fd)
+        self.thread.join(_DRAIN_S)
+        drained = not self.thread.is_alive()
+        if drained:
+            # A reader still running (a subprocess holds the pipe) keeps both
+            # descriptors: closing them could hand their numbers to other files.
+            os.close(self.read_end)
+            os.close(self.original)
+        with self.lock:
+            self.copy.flush()
+            self.copy.seek(0)
+            data = self.copy.read()
+            self.copy.close()
+        return data
+
+
+class TaskOutputCapture:
+    """Inside an Azure task: capture stdout/stderr, then upload them and ./JobOutput/.
+
+    Use `start` at the beginning of the runner and `finish` at its end. It
+    never raises: a failed upload is reported on the task's stderr (which the
+    node keeps) and does not change the task's exit code.
+
+    Args:
+        url: fsspec URL of the job's conventions container (``az://job-<id>``).
+        task_id: the Azure task id (``AZ_BATCH_TASK_ID``).
+        storage_options: fsspec options for ``url``.
+    """
+
+    def __init__(self, url: str, task_id: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.task_id = task_id
+        self.storage_options = storage_options
+        # The job may chdir; ./JobOutput/ means the task's working directory.
+        self.output_dir = os.path.join(os.getcwd(), OUTPUT_DIR)
+        self._tees: dict[str, _Tee] = {}
+
+    @classmethod
+    def start(cls) -> TaskOutputCapture | None:
+        """Start capturing if the provider asked for it (``CLOUDEXEC_TASK_OUTPUT``); else ``None``."""
+        url = os.environ.get(ENV_VAR)
+        if not url:
+            return None
+        task_id = os.environ.get("AZ_BATCH_TASK_ID") or "task"
+        raw = os.environ.get("CLOUDEXEC_STORAGE_OPTIONS")
+        capture = cls(url, task_id, json.loads(raw) if raw else None)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for stream, fd in (("stdout", 1), ("stderr", 2)):
+                capture._tees[stream] = _Tee(fd)
+        except OSError as exc:
+            sys.stderr.write(f"cloudexec: cannot capture the task's output for {url}: {exc}\n")
+        return capture
+
+    def finish(self) -> None:
+        """Stop capturing and upload the logs and the output files."""
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        logs = {stream: tee.stop() for stream, tee in self._tees.items()}
+        self._tees.clear()
+        try:
+            from cloudexec._storage import open_store
+
+            store = open_store(self.url, self.storage_options)
+            for stream, data in logs.items():
+                store.write(log_blob(self.task_id, stream), data)
+            for rel, path in _output_files(self.output_dir):
+                with open(path, "rb") as fh:
+                    store.write(f"{output_prefix(self.task_id)}/{rel}", fh.read())
+        except Exception as exc:  # noqa: BLE001 - the job's own outcome must stand
+            sys.stderr.write(
+                f"cloudexec: could not upload task {self.task_id}'s logs and ./{OUTPUT_DIR}/ to {self.url}: "
+                f"{type(exc).__name__}: {exc}. They stay in the task's directory on the node.\n"
+            )
+            sys.stderr.flush()
+
+
+def _output_files(folder: str) -> list[tuple[str, str]]:
+    """``(relative name with '/', path)`` of every file below ``folder``, sorted."""
+    found: list[tuple[str, str]] = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            found.append((rel, path))
+    return sorted(found)

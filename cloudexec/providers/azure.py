@@ -1,0 +1,1073 @@
+"""`AzureBatchExecutor`: Azure Batch jobs and tasks, Blob storage through adlfs.
+
+How calls become Azure objects (azure-batch 15.x, ``azure.batch.BatchClient``)::
+
+    submit(fn, *args)      one Azure job, id = the cloudexec job id, with one
+                           task "10000000"
+    submit_map / map       one Azure job with one task per child: "10000001",
+                           "10000002", … (child i is task 10000001 + i; the
+                           runner reads its index from AZ_BATCH_TASK_ID), added
+                           in collections of at most 100 (Azure's limit per
+                           addtaskcollection request), in index order
+    then                   the job's onAllTasksComplete is set to terminatejob,
+                           so it completes by itself and leaves the account's
+                           active-job quota; Azure advises setting it only after
+                           the tasks are added, as an empty job counts as complete
+
+If adding the tasks (or that last update) fails, the job is terminated and
+deleted, and its conventions container removed: nothing is left half-submitted.
+
+Settings (validated when given, nothing submitted on a bad value):
+
+=====================  ==================================================================
+``container_image``    the task's ``containerSettings.imageName`` (default
+                       `DEFAULT_CONTAINER_IMAGE`, what ``container/Dockerfile`` builds);
+                       on a pool without a container configuration tasks run
+                       directly on the node and asking for an image is an error
+``vcpus``              the task's ``requiredSlots``. This assumes the pool's
+                       ``taskSlotsPerNode`` equals its VM size's vCPUs (as Wolfram's
+                       AzureBatch does); more than the pool's slots per node is refused
+``priority``           -1..+1, the job's priority scaled to Azure's -1000..1000
+``timeout``            the task's ``constraints.maxWallClockTime``
+``retries``            the task's ``constraints.maxTaskRetryCount``
+``tags``               the job's ``metadata`` (besides cloudexec's own entry)
+``job_name``           the job's ``displayName``
+``memory``, ``gpus``   refused: the pool's VM size decides them
+=====================  ==================================================================
+
+Statuses (`AzureJobStatus`): a single job or array child is its task's state,
+``Active`` (active/preparing), ``Running``, then ``Succeeded`` or ``Failed``
+(the task's ``executionInfo.result``). An array is ``Active`` until every
+task completed, then ``Completed``; Azure's own job state is ``completed``
+either way, but cloudexec reports an array with a failed (or never run) task
+as ``Failed``, so that ``job_status.phase`` says how the array ended.
+
+REST calls per poll, for the jobs in flight: a running single job costs one
+GET of its task; a queued one also a GET of its job (a terminated job leaves
+its queued task ``active`` for ever, so only the job tells it ended); an array
+costs its ``taskcounts`` plus a GET of the job until every task completed
+(and once more at the end if a task failed, for the job's terminate reason).
+Those calls go out on a few threads at once. When an array ends, its tasks
+are listed in pages of 1,000 (``$select`` keeps the bodies small).
+
+Status reasons come from the task's ``failureInfo`` (code, message and its
+``Message`` detail, e.g. ``TaskEnded: … (The maximum execution time configured
+on the task was exceeded)``), preceded by the job's ``terminateReason`` when
+something other than Azure's own ``AllTasksComplete`` ended the job.
+
+``cancel()`` terminates the job with a reason naming cloudexec: Azure's
+terminate-task request carries no reason, so for a single job the job is
+terminated first (its reason is what ``job_status_reason`` shows) and the task
+is then terminated too, in case it had not started. An array child is
+cancelled by terminating its task alone.
+
+Logs: ``job_log``/``job_stderr_log`` read the node's ``stdout.txt``/``stderr.txt``
+while the task runs and the Batch File Conventions blobs
+(``job-<jobId>/<taskId>/$TaskLog/``, written by the runner, see
+`cloudexec._conventions`) after it ended, falling back to the node's files
+for a task that was killed before it could upload them. Files a job writes to
+``./JobOutput/`` are listed by ``future.output_files()`` and fetched by
+``future.download_output(name, dest)``.
+
+Provider references (kept in each job's manifest): the Azure job id for a
+single job, ``array:<jobId>/<size>`` for an array.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+import shlex
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar, cast
+
+from cloudexec import _conventions
+from cloudexec._base import ArrayFuture, BatchExecutor, BatchFuture
+from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
+from cloudexec._version import __version__
+from cloudexec.errors import CloudExecError, StorageError, SubmissionError
+from cloudexec.runner import AZURE_FIRST_CHILD_TASK_ID
+from cloudexec.settings import COMMON_SETTINGS, JobSettings
+
+__all__ = [
+    "AzureBatchExecutor",
+    "AzureBatchFuture",
+    "AzureArrayFuture",
+    "AzureJobStatus",
+    "AzureBatchProvider",
+    "DEFAULT_CONTAINER_IMAGE",
+    "SINGLE_TASK_ID",
+]
+
+log = logging.getLogger("cloudexec")
+
+#: The runner image ``container/Dockerfile`` builds (``docker build … -t cloudexec:<major.minor>``).
+DEFAULT_CONTAINER_IMAGE = "cloudexec:" + ".".join(__version__.split(".")[:2])
+#: Task id of a single job (Wolfram's scheme); array children start at 10000001.
+SINGLE_TASK_ID = str(AZURE_FIRST_CHILD_TASK_ID - 1)
+#: Azure's limit of tasks per addtaskcollection request.
+MAX_TASKS_PER_REQUEST = 100
+#: Job metadata entry holding the job's storage URL (for re-attach by Azure job id).
+URL_METADATA = "cloudexec_job_url"
+#: The terminate reason Azure gives a job that ended through onAllTasksComplete.
+ALL_TASKS_COMPLETE = "AllTasksComplete"
+_PAGE = 1000  # tasks per list page (Azure's maximum)
+_TASK_SELECT = ["id", "state", "executionInfo", "nodeInfo", "requiredSlots"]
+_JOB_SELECT = ["id", "state", "executionInfo"]
+_DESCRIBE_THREADS = 16
+# Azure job ids: 1-64 letters, digits, hyphens and underscores.
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_STORAGE_RE = re.compile(r"^(az|abfs)://([^/]+)(/.*)?$")
+_CONTAINER_RE = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9]))*$")
+_STORAGE_AUTH_KEYS = ("connection_string", "account_key", "sas_token", "credential", "anon", "client_secret")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class AzureJobStatus(JobStatus):
+    """Azure Batch statuses, named as Azure (and Wolfram's AzureBatch) names them.
+
+    Single jobs and array children: ``Active`` → ``Running`` → ``Succeeded`` or
+    ``Failed``. Arrays: ``Active`` → ``Completed`` when every task succeeded,
+    ``Failed`` when one failed or the job was terminated before all ran.
+    """
+
+    ACTIVE = ("Active", Phase.QUEUED)
+    RUNNING = ("Running", Phase.RUNNING)
+    SUCCEEDED = ("Succeeded", Phase.SUCCEEDED)
+    FAILED = ("Failed", Phase.FAILED)
+    COMPLETED = ("Completed", Phase.SUCCEEDED)
+
+
+def _name(value: Any) -> str | None:
+    """An SDK enum (or plain string) as its lower-case wire value."""
+    if value is None:
+        return None
+    return str(getattr(value, "value", value)).lower()
+
+
+def task_status(state: str | None, result: str | None) -> AzureJobStatus | None:
+    """Map an Azure task state (and, once completed, its result) to an `AzureJobStatus`.
+
+    Args:
+        state: ``active``, ``preparing``, ``running`` or ``completed``.
+        result: ``success`` or ``failure`` (``executionInfo.result``).
+    """
+    state = _name(state)
+    if state in ("active", "preparing"):
+        return AzureJobStatus.ACTIVE
+    if state == "running":
+        return AzureJobStatus.RUNNING
+    if state == "completed":
+        return AzureJobStatus.SUCCEEDED if _name(result) == "success" else AzureJobStatus.FAILED
+    return None
+
+
+def task_id_for(index: int | None) -> str:
+    """The Azure task id of a single job (``index`` None) or of array child ``index``."""
+    return SINGLE_TASK_ID if index is None else str(AZURE_FIRST_CHILD_TASK_ID + index)
+
+
+def azure_priority(priority: float) -> int:
+    """Scale cloudexec's priority (-1..+1) to an Azure job priority (-1000..1000)."""
+    return max(-1000, min(1000, round(priority * 1000)))
+
+
+def _parse_ref(ref: str) -> tuple[str, int | None]:
+    """``(azure_job_id, array size or None)`` of a provider reference."""
+    if ref.startswith("array:"):
+        job_id, size = ref[len("array:") :].rsplit("/", 1)
+        return job_id, int(size)
+    return ref, None
+
+
+def _failure_text(failure: Any) -> str | None:
+    """``code: message (detail)`` of a task's failureInfo."""
+    if failure is None:
+        return None
+    code, message = failure.code, failure.message
+    details = [
+        d.value for d in (failure.details or []) if d.name == "Message" and d.value and d.value != message
+    ]
+    text = f"{code}: {message}" if code and message else (code or message or "")
+    if details:
+        text += f" ({'; '.join(details)})"
+    return text or None
+
+
+def _job_end(job: Any) -> tuple[bool, str | None]:
+    """``(terminated, reason)``: whether something other than ``AllTasksComplete`` completed the job, and why."""
+    if job is None or _name(job.state) != "completed":
+        return False, None
+    info = job.execution_info
+    reason = info.termination_reason if info is not None else None
+    if reason == ALL_TASKS_COMPLETE:
+        return False, None
+    return True, reason or "the job was terminated"
+
+
+def _ended(task: Any) -> bool:
+    """Whether a task was ended by a terminate request or its wall-clock limit (failureInfo ``TaskEnded``)."""
+    execution = task.execution_info
+    failure = execution.failure_info if execution is not None else None
+    return failure is not None and failure.code == "TaskEnded"
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if isinstance(value, _dt.datetime) else None
+
+
+def task_info(task: Any, job_id: str, job: Any = None) -> JobInfo:
+    """Turn an Azure task (and, when fetched, its job) into a `JobInfo`."""
+    execution = task.execution_info
+    result = execution.result if execution is not None else None
+    status = task_status(task.state, result)
+    terminated, job_reason = _job_end(job)
+    reasons = [r for r in (job_reason, _failure_text(execution.failure_info if execution else None)) if r]
+    if terminated and status is not None and not status.terminal:
+        # A terminated job leaves its queued tasks active for ever: they will never run.
+        status = AzureJobStatus.FAILED
+    started = execution is not None and execution.start_time is not None
+    node = task.node_info
+    extra: dict[str, Any] = {
+        "provider_task_id": task.id,
+        "azure_task_state": _name(task.state),
+        "node_id": node.node_id if node is not None else None,
+        "pool_id": node.pool_id if node is not None else None,
+        "required_slots": task.required_slots,
+        "started_at": _iso(execution.start_time) if execution else None,
+        "stopped_at": _iso(execution.end_time) if execution else None,
+    }
+    return JobInfo(
+        status=status,
+        exit_code=execution.exit_code if execution is not None else None,
+        status_reason="; ".join(reasons) or None,
+        provider_job_id=job_id,
+        attempts=((execution.retry_count or 0) + 1) if started and execution is not None else 0,
+        extra=extra,
+    )
+
+
+def array_info(job_id: str, size: int, counts: Any, job: Any = None) -> JobInfo:
+    """Turn a job's task counts (and, when fetched, the job) into the `JobInfo` of an array."""
+    tc = counts.task_counts
+    terminated, job_reason = _job_end(job)
+    reasons = [job_reason] if job_reason else []
+    if tc.failed:
+        reasons.append(f"{tc.failed} of {size} tasks failed")
+    if tc.completed >= size:
+        status = AzureJobStatus.FAILED if tc.failed else AzureJobStatus.COMPLETED
+    elif terminated:
+        status = AzureJobStatus.FAILED
+    else:
+        # Azure's task counts may lag the job by a few seconds: an
+        # AllTasksComplete job whose counts are not complete yet is still Active.
+        status = AzureJobStatus.ACTIVE
+    return JobInfo(
+        status=status,
+        status_reason="; ".join(reasons) or None,
+        provider_job_id=job_id,
+        status_counts={
+            AzureJobStatus.ACTIVE.value: tc.active,
+            AzureJobStatus.RUNNING.value: tc.running,
+            AzureJobStatus.SUCCEEDED.value: tc.succeeded,
+            AzureJobStatus.FAILED.value: tc.failed,
+        },
+        extra={"provider_first_task_id": task_id_for(0), "azure_job_state": _name(job.state) if job else None},
+    )
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The Azure error code of an azure-core ``HttpResponseError`` (``PoolNotFound`` …)."""
+    error = getattr(exc, "error", None)
+    code = getattr(error, "code", None)
+    if code:
+        return str(code)
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code)) if code else None
+
+
+def _error_message(exc: BaseException) -> str:
+    """The first line of an Azure error's message, without its final full stop."""
+    error = getattr(exc, "error", None)
+    message = getattr(error, "message", None) or getattr(exc, "message", None) or str(exc)
+    lines = str(message).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(exc).__name__
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    return type(exc).__name__ == "ResourceNotFoundError" or getattr(exc, "status_code", None) == 404
+
+
+class _AsyncTokenCredential:
+    """Lets adlfs's asyncio Blob clients use a synchronous azure-identity credential.
+
+    azure-core's async pipeline awaits ``get_token``; a sync credential returns
+    the token directly. Tokens are cached by the credential, so the rare
+    blocking refresh inside the event loop is acceptable.
+    """
+
+    def __init__(self, credential: Any) -> None:
+        self._credential = credential
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        return self._credential.get_token(*scopes, **kwargs)
+
+    async def close(self) -> None:
+        return None
+
+    async def __aenter__(self) -> _AsyncTokenCredential:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+class AzureBatchProvider(Provider):
+    """Talks to one Azure Batch account (pool) and its Blob storage.
+
+    Args:
+        client: an ``azure.batch.BatchClient``.
+        batch_url: the endpoint ``client`` talks to (for messages).
+        pool_id: the pool every job runs on.
+        storage_url: ``az://container/prefix`` of the jobs' storage (its account
+            also holds the conventions containers ``job-<jobId>``).
+        storage_options: adlfs options for that account.
+        task_environment: variables every task gets (``commonEnvironmentSettings``).
+        lro_polling_interval_s: pause between the SDK's checks of a job being
+            terminated or deleted (they run on the SDK's own daemon threads).
+    """
+
+    name = "azure"
+    status_enum = AzureJobStatus
+    settings = COMMON_SETTINGS | {"container_image", "priority", "tags"}
+    poll_interval_s = (1.0, 15.0)
+    #: Tasks per addtaskcollection request (Azure allows at most 100).
+    tasks_per_request = MAX_TASKS_PER_REQUEST
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        batch_url: str,
+        pool_id: str,
+        storage_url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        task_environment: Mapping[str, str] | None = None,
+        lro_polling_interval_s: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.batch_url = batch_url
+        self.pool_id = pool_id
+        self.storage_url = storage_url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.task_environment = dict(task_environment or {})
+        self.lro_polling_interval_s = lro_polling_interval_s
+        self.scheme = self.storage_url.split("://", 1)[0]
+        # Filled in by check_environment.
+        self.slots_per_node: int | None = None
+        self.vm_size: str | None = None
+        self.pool_runs_containers = True
+        self._fs: Any = None
+        self._threads: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    # -- environment and settings ------------------------------------------------
+    def check_environment(self) -> None:
+        """Fail at construction when the pool is unknown or the credential is refused."""
+        try:
+            pool = self.client.get_pool(
+                self.pool_id, select=["id", "state", "vmSize", "taskSlotsPerNode", "virtualMachineConfiguration"]
+            )
+        except Exception as exc:
+            raise _batch_environment_error(exc, self.pool_id, self.batch_url) from exc
+        if _name(pool.state) == "deleting":
+            raise ValueError(f"pool_id={self.pool_id!r} is being deleted; give the id of an active Azure Batch pool")
+        self.slots_per_node = pool.task_slots_per_node or 1
+        self.vm_size = pool.vm_size
+        vm_config = pool.virtual_machine_configuration
+        self.pool_runs_containers = bool(vm_config is not None and vm_config.container_configuration)
+
+    def validate_settings(self, settings: JobSettings) -> None:
+        vm = f" ({self.vm_size})" if self.vm_size else ""
+        if settings.memory_mib is not None:
+            raise ValueError(
+                f"memory={settings.memory_mib} MiB cannot be asked per task on Azure Batch: a task gets the "
+                f"memory of the pool's VM size{vm}. Use a pool whose VM size has the memory you need, and "
+                "reserve a share of a node with vcpus= instead"
+            )
+        if settings.gpus is not None:
+            raise ValueError(
+                f"gpus={settings.gpus} cannot be asked per task on Azure Batch: the pool's VM size{vm} decides "
+                "the GPUs. Use a pool of a GPU VM size (NC/ND series) and reserve a node with vcpus= instead"
+            )
+        if settings.vcpus is not None and self.slots_per_node is not None and settings.vcpus > self.slots_per_node:
+            raise ValueError(
+                f"vcpus={settings.vcpus} needs {settings.vcpus} task slots, but pool {self.pool_id!r} has "
+                f"{self.slots_per_node} per node (taskSlotsPerNode): the task would never be scheduled. Ask for "
+                f"vcpus<={self.slots_per_node}, or use a pool with more task slots (one per vCPU)"
+            )
+        if settings.container_image is not None and not self.pool_runs_containers:
+            raise ValueError(
+                f"container_image={settings.container_image!r}: pool {self.pool_id!r} has no container "
+                "configuration, so its tasks run directly on the nodes (which must have cloudexec installed). "
+                "Leave container_image out, or use a pool created with a containerConfiguration"
+            )
+
+    # -- helpers -------------------------------------------------------------------
+    def _models(self) -> Any:
+        from azure.batch import models
+
+        return models
+
+    def _parallel(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``[fn(item) …]``, on a few threads when there are several (one HTTP call each)."""
+        if len(items) <= 2:
+            return [fn(item) for item in items]
+        with self._lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(_DESCRIBE_THREADS, thread_name_prefix="cloudexec-azure")
+            pool = self._threads
+        return list(pool.map(fn, items))
+
+    def filesystem(self) -> Any:
+        """The adlfs filesystem of the storage account (for the conventions containers)."""
+        if self._fs is None:
+            import fsspec.core
+
+            self._fs, _ = fsspec.core.url_to_fs(self.storage_url, **self.storage_options)
+        return self._fs
+
+    def _get_job(self, job_id: str) -> Any:
+        try:
+            return self.client.get_job(job_id, select=_JOB_SELECT)
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+
+    # -- submit ---------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> str:
+        m = self._models()
+        job_id = spec.job_id
+        if not _JOB_ID_RE.match(job_id):
+            raise SubmissionError(
+                f"job id {job_id!r} is not a valid Azure job id (1-64 letters, digits, '-' or '_'); "
+                "give a shorter job_name",
+                job_id=job_id,
+            )
+        container = _conventions.container_name(job_id)
+        fs = self.filesystem()
+        try:
+            fs.mkdir(container, exist_ok=True)
+        except Exception as exc:
+            raise SubmissionError(
+                f"cannot create the blob container {container!r} for the logs and outputs of job {job_id} "
+                f"({_error_code(exc) or type(exc).__name__}): {_error_message(exc)}. The storage credentials "
+                "must be allowed to create containers in the account",
+                job_id=job_id,
+                code=_error_code(exc),
+            ) from exc
+        env = {
+            "CLOUDEXEC_JOB_ID": job_id,
+            _conventions.ENV_VAR: f"{self.scheme}://{container}",
+            **self.task_environment,
+            **spec.environment,
+        }
+        settings = spec.settings
+        metadata = [m.BatchMetadataItem(name=URL_METADATA, value=spec.job_url)]
+        metadata += [m.BatchMetadataItem(name=k, value=v) for k, v in sorted((settings.tags or {}).items())]
+        job_options: dict[str, Any] = {
+            "id": job_id,
+            "display_name": spec.name[:1024],
+            "pool_info": m.BatchPoolInfo(pool_id=self.pool_id),
+            "common_environment_settings": [m.EnvironmentSetting(name=k, value=v) for k, v in sorted(env.items())],
+            "metadata": metadata,
+        }
+        if settings.priority is not None:
+            job_options["priority"] = azure_priority(settings.priority)
+        try:
+            self.client.create_job(m.BatchJobCreateOptions(**job_options))
+        except Exception as exc:
+            self._remove_container(container)
+            raise _submission_error(job_id, exc, "create the job") from exc
+        try:
+            if spec.array_size is None:
+                self.client.create_task(job_id, self.task_options(spec, None))
+            else:
+                self._add_children(spec, spec.array_size)
+            self.client.update_job(
+                job_id, m.BatchJobUpdateOptions(all_tasks_complete_mode=m.BatchAllTasksCompleteMode.TERMINATE_JOB)
+            )
+        except BaseException as exc:
+            self._discard(job_id, container)
+            if isinstance(exc, CloudExecError) or not isinstance(exc, Exception):
+                raise
+            raise _submission_error(job_id, exc, "add the tasks of", discarded=True) from exc
+        return job_id if spec.array_size is None else f"array:{job_id}/{spec.array_size}"
+
+    def task_options(self, spec: JobSpec, index: int | None) -> Any:
+        """The ``BatchTaskCreateOptions`` of the single task (``index`` None) or of array child ``index``."""
+        m = self._models()
+        s = spec.settings
+        options: dict[str, Any] = {
+            "id": task_id_for(index),
+            "command_line": " ".join(shlex.quote(part) for part in spec.command),
+        }
+        constraints: dict[str, Any] = {}
+        if s.timeout_s is not None:
+            constraints["max_wall_clock_time"] = _dt.timedelta(seconds=s.timeout_s)
+        if s.retries is not None:
+            constraints["max_task_retry_count"] = s.retries
+        if constraints:
+            options["constraints"] = m.BatchTaskConstraints(**constraints)
+        if s.vcpus is not None:
+            options["required_slots"] = s.vcpus
+        if self.pool_runs_containers:
+            # taskWorkingDirectory: ./JobOutput/ then lands in the task's
+            # directory, where the runner finds it, instead of the image's WORKDIR.
+            options["container_settings"] = m.BatchTaskContainerSettings(
+                image_name=s.container_image or DEFAULT_CONTAINER_IMAGE,
+                working_directory=m.ContainerWorkingDirectory.TASK_WORKING_DIRECTORY,
+            )
+        return m.BatchTaskCreateOptions(**options)
+
+    def _add_children(self, spec: JobSpec, size: int) -> None:
+        m = self._models()
+        # In index order, one request at a time: the SDK's create_tasks would
+        # send the collections in reverse order, and early children should run first.
+        for start in range(0, size, self.tasks_per_request):
+            tasks = [self.task_options(spec, i) for i in range(start, min(size, start + self.tasks_per_request))]
+            result = self.client.create_task_collection(spec.job_id, m.BatchTaskGroup(task_values=tasks))
+            for item in result.result_values or []:
+                if _name(item.status) == "success":
+                    continue
+                code = item.error.code if item.error is not None else None
+                if code == "TaskExists":
+                    continue  # azure-core retried a request that had gone through
+                message = item.error.message if item.error is not None else None
+                details = ""
+                if item.error is not None and item.error.error_values:
+                    details = " (" + ", ".join(f"{v.key}={v.value}" for v in item.error.error_values) + ")"
+                raise SubmissionError(
+                    f"Azure Batch refused task {item.task_id} of job {spec.job_id} ({code or item.status}): "
+                    f"{message}{details}; the job was terminated and deleted, nothing of it runs. "
+                    "Check the job's settings (vcpus, timeout, retries, container_image)",
+                    job_id=spec.job_id,
+                    code=code,
+                )
+
+    def _terminate_job(self, job_id: str, reason: str) -> None:
+        from azure.batch.models._models import BatchJobTerminateOptions  # not re-exported by azure-batch 15.1
+
+        try:
+            # The SDK's poller (a daemon thread) waits for the job to leave
+            # "terminating"; nothing here waits for it.
+            self.client.begin_terminate_job(
+                job_id,
+                BatchJobTerminateOptions(termination_reason=reason),
+                polling_interval=self.lro_polling_interval_s,
+            )
+        except Exception as exc:
+            # 409 JobCompleted / JobBeingTerminated / JobBeingDeleted, 404: it already ended.
+            if not (_is_not_found(exc) or getattr(exc, "status_code", None) == 409):
+                raise
+
+    def _terminate_task(self, job_id: str, task_id: str) -> None:
+        try:
+            self.client.terminate_task(job_id, task_id)
+        except Exception as exc:
+            if not (_is_not_found(exc) or getattr(exc, "status_code", None) == 409):
+                raise
+
+    def _discard(self, job_id: str, container: str) -> None:
+        """Terminate and delete a job whose submission failed half-way, and its container."""
+        for step, call in (
+            ("terminate", lambda: self._terminate_job(job_id, "cloudexec: task submission failed")),
+            ("delete", lambda: self.client.begin_delete_job(job_id, polling_interval=self.lro_polling_interval_s)),
+        ):
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - the submission error matters more
+                log.warning("cloudexec: could not %s Azure job %s after its submission failed: %s", step, job_id, exc)
+        self._remove_container(container)
+
+    def _remove_container(self, container: str) -> None:
+        try:
+            self.filesystem().rm(container, recursive=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cloudexec: could not remove the blob container %s: %s", container, exc)
+
+    # -- describe -------------------------------------------------------------------
+    def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
+        unique = list(dict.fromkeys(refs))
+        infos = self._parallel(self._describe_ref, unique)
+        return {ref: info for ref, info in zip(unique, infos) if info is not None}
+
+    def _describe_ref(self, ref: str) -> JobInfo | None:
+        job_id, size = _parse_ref(ref)
+        if size is None:
+            return self._describe_task(job_id, SINGLE_TASK_ID)
+        try:
+            counts = self.client.get_job_task_counts(job_id)
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+        tc = counts.task_counts
+        # The job tells whether it was terminated (and why): needed until every
+        # task completed, and once more when some failed (killed by a terminate?).
+        job = self._get_job(job_id) if tc.completed < size or tc.failed else None
+        return array_info(job_id, size, counts, job)
+
+    def _describe_task(self, job_id: str, task_id: str) -> JobInfo | None:
+        try:
+            task = self.client.get_task(job_id, task_id, select=_TASK_SELECT)
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+        job = None
+        if task_status(task.state, None) is AzureJobStatus.ACTIVE or _ended(task):
+            # Only the job tells whether a queued task will never run, and why a
+            # task was ended (its terminateReason).
+            job = self._get_job(job_id)
+        return task_info(task, job_id, job)
+
+    def describe_children(self, ref: str, size: int) -> list[JobInfo | None]:
+        job_id, _ = _parse_ref(ref)
+        try:
+            tasks = list(self.client.list_tasks(job_id, select=_TASK_SELECT, max_results=_PAGE))
+        except Exception as exc:
+            if _is_not_found(exc):
+                return [None] * size
+            raise
+        # Tasks not completed may belong to a terminated job (they never run
+        # then), and ended ones were ended for the job's terminate reason.
+        if any(_name(t.state) != "completed" or _ended(t) for t in tasks):
+            job = self._get_job(job_id)
+        else:
+            job = None
+        infos: list[JobInfo | None] = [None] * size
+        for task in tasks:
+            if not str(task.id).isdigit():
+                continue
+            index = int(task.id) - AZURE_FIRST_CHILD_TASK_ID
+            if 0 <= index < size:
+                infos[index] = task_info(task, job_id, job)
+        return infos
+
+    def describe_child(self, ref: str, size: int, index: int) -> JobInfo | None:
+        job_id, _ = _parse_ref(ref)
+        return self._describe_task(job_id, task_id_for(index))
+
+    # -- cancel -------------------------------------------------------------------------
+    def cancel(self, ref: str, reason: str, *, index: int | None = None) -> None:
+        job_id, size = _parse_ref(ref)
+        if index is not None:
+            self._terminate_task(job_id, task_id_for(index))
+            return
+        self._terminate_job(job_id, reason)
+        if size is None:
+            # Terminating a job leaves a task that had not started "active";
+            # ending the task too makes the single job's status final at once.
+            self._terminate_task(job_id, SINGLE_TASK_ID)
+
+    # -- logs and output files ---------------------------------------------------------
+    def read_log(self, ref: str, *, index: int | None = None, stream: str = "stdout") -> str | None:
+        if stream not in ("stdout", "stderr"):
+            raise ValueError(f"stream must be 'stdout' or 'stderr'; got {stream!r}")
+        job_id, _ = _parse_ref(ref)
+        task_id = task_id_for(index)
+        try:
+            task = self.client.get_task(job_id, task_id, select=["id", "state"])
+        except Exception as exc:
+            if not _is_not_found(exc):
+                raise
+            task = None
+        state = _name(task.state) if task is not None else None
+        if state in (None, "completed"):
+            text = self._read_blob(f"{_conventions.container_name(job_id)}/{_conventions.log_blob(task_id, stream)}")
+            if text is not None or task is None:
+                return text
+        if state in ("active", "preparing"):
+            return None
+        try:
+            chunks = self.client.download_task_file(job_id, task_id, f"{stream}.txt")
+            return b"".join(chunks).decode("utf-8", errors="replace")
+        except Exception as exc:
+            if _is_not_found(exc) or getattr(exc, "status_code", None) == 409:
+                return None  # the node is gone, or the file was never created
+            raise
+
+    def _read_blob(self, path: str) -> str | None:
+        fs = self.filesystem()
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+        return bytes(data).decode("utf-8", errors="replace")
+
+    def output_files(self, job_id: str, task_id: str) -> list[str]:
+        """Names (relative to ``./JobOutput/``) of the files a task uploaded, sorted."""
+        fs = self.filesystem()
+        prefix = f"{_conventions.container_name(job_id)}/{_conventions.output_prefix(task_id)}"
+        fs.invalidate_cache(prefix)
+        try:
+            found = fs.find(prefix)
+        except FileNotFoundError:
+            return []
+        return sorted(path[len(prefix) + 1 :] for path in found if path.startswith(prefix + "/"))
+
+    def download_output(self, job_id: str, task_id: str, name: str, dest: str | os.PathLike[str]) -> str:
+        """Download one output file of a task to ``dest`` (a file path, or an existing folder)."""
+        if not name or name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"name must be a path relative to ./JobOutput/, as output_files() lists it; got {name!r}")
+        target = os.fspath(dest)
+        if os.path.isdir(target):
+            target = os.path.join(target, name.rsplit("/", 1)[-1])
+        blob = f"{_conventions.container_name(job_id)}/{_conventions.output_prefix(task_id)}/{name}"
+        try:
+            data = self.filesystem().cat_file(blob)
+        except FileNotFoundError:
+            data = None
+        except Exception as exc:
+            if not _is_not_found(exc):
+                raise
+            data = None
+        if data is None:
+            listed = self.output_files(job_id, task_id)
+            raise FileNotFoundError(
+                f"job {job_id} (task {task_id}) has no output file {name!r}; it uploaded "
+                f"{listed or 'none'}. A job's files under ./{_conventions.OUTPUT_DIR}/ are uploaded when it "
+                "ends: check future.output_files() once it is done"
+            )
+        folder = os.path.dirname(os.path.abspath(target))
+        os.makedirs(folder, exist_ok=True)
+        with open(target, "wb") as fh:
+            fh.write(bytes(data))
+        return target
+
+    # -- re-attach, hints, close ------------------------------------------------------------
+    def find_job_url(self, provider_job_id: str) -> str | None:
+        if not _JOB_ID_RE.match(provider_job_id):
+            return None
+        try:
+            job = self.client.get_job(provider_job_id, select=["id", "metadata"])
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+        for item in job.metadata or []:
+            if item.name == URL_METADATA:
+                return str(item.value)
+        return None
+
+    def failure_hint(self, info: JobInfo) -> str | None:
+        if "maximum execution time" in (info.status_reason or "").lower():
+            return (
+                "The task ran past its time limit (maxWallClockTime): raise it with "
+                "executor.with_settings(timeout=...)."
+            )
+        return super().failure_hint(info)
+
+    def close(self) -> None:
+        # The BatchClient stays open: futures outlive their executor, and their
+        # properties (logs, output files) still ask Azure after shutdown().
+        with self._lock:
+            threads, self._threads = self._threads, None
+        if threads is not None:
+            threads.shutdown(wait=True)
+
+
+def _batch_environment_error(exc: BaseException, pool_id: str, url: str) -> Exception:
+    code = _error_code(exc)
+    name = type(exc).__name__
+    if code == "PoolNotFound" or (_is_not_found(exc) and code is None):
+        return ValueError(
+            f"pool_id={pool_id!r} does not exist in the Azure Batch account {url} (Azure error code "
+            f"{code or 'PoolNotFound'}); create the pool (Azure portal, az batch pool create) or give the id of "
+            "an existing one"
+        )
+    if name == "ClientAuthenticationError" or getattr(exc, "status_code", None) in (401, 403):
+        return CloudExecError(
+            f"the Azure Batch account {url} refused the credential ({code or name}): {_error_message(exc)}. "
+            "For shared key, pass AzureNamedKeyCredential(<batch account name>, <key from the portal's Keys "
+            "page>); for a token credential, give its identity a role on the Batch account"
+        )
+    if name in ("ServiceRequestError", "ServiceResponseError"):
+        return CloudExecError(
+            f"cannot reach the Azure Batch account at {url}: {exc}; check batch_url "
+            "(https://<account>.<region>.batch.azure.com) and the network"
+        )
+    return CloudExecError(f"cannot check pool {pool_id!r} at {url} ({code or name}): {_error_message(exc)}")
+
+
+def _submission_error(job_id: str, exc: BaseException, what: str, *, discarded: bool = False) -> SubmissionError:
+    code = _error_code(exc)
+    outcome = "the job was terminated and deleted, nothing of it runs" if discarded else "nothing of it runs"
+    hint = "check the pool and the job's settings"
+    if code == "JobExists":
+        hint = "a job with this id exists already; submit again for a new id"
+    elif code in ("RequestBodyTooLarge", "RequestEntityTooLarge"):
+        hint = "the request is above Azure's 1 MiB; use fewer or shorter tags and a shorter job_name"
+    return SubmissionError(
+        f"Azure Batch refused to {what} job {job_id} ({code or type(exc).__name__}): {_error_message(exc)}; "
+        f"{outcome}. {hint[0].upper() + hint[1:]}",
+        job_id=job_id,
+        code=code,
+    )
+
+
+class AzureBatchFuture(BatchFuture[Any]):
+    """A `BatchFuture` of an Azure Batch task: a single job, or one child of an array."""
+
+    def _azure(self) -> AzureBatchProvider:
+        return cast(AzureBatchProvider, self._core.provider)
+
+    @property
+    def provider_task_id(self) -> str:
+        """The Azure task id: ``"10000000"`` for a single job, ``10000001 + index`` for an array child."""
+        return task_id_for(self._index)
+
+    def output_files(self) -> list[str]:
+        """Names of the files the job wrote under ``./JobOutput/`` (uploaded when it ended), sorted.
+
+        Returns:
+            Paths relative to ``./JobOutput/`` with ``/`` separators; ``[]``
+            while the job runs or when it wrote none.
+        """
+        return self._azure().output_files(self._record.job_id, self.provider_task_id)
+
+    def download_output(self, name: str, dest: str | os.PathLike[str]) -> str:
+        """Download one of the job's output files.
+
+        Args:
+            name: a name from `output_files` (path relative to ``./JobOutput/``).
+            dest: local file path, or an existing folder to put the file in.
+
+        Returns:
+            The path written.
+
+        Raises:
+            FileNotFoundError: the job uploaded no such file (the message lists
+                what it did upload).
+            ValueError: ``name`` is absolute or climbs out with ``..``.
+        """
+        return self._azure().download_output(self._record.job_id, self.provider_task_id, name, dest)
+
+
+class AzureArrayFuture(ArrayFuture[Any]):
+    """An `ArrayFuture` of an Azure Batch job with one task per child."""
+
+    @property
+    def provider_first_task_id(self) -> str:
+        """The Azure task id of child 0 (``"10000001"``); child i is ``10000001 + i``."""
+        return task_id_for(0)
+
+
+class AzureBatchExecutor(BatchExecutor):
+    """Run calls as Azure Batch tasks on an existing pool; payloads travel through Blob storage.
+
+    Example:
+        >>> from azure.identity import DefaultAzureCredential                         # doctest: +SKIP
+        >>> ex = AzureBatchExecutor(pool_id="cloudexec-pool",                           # doctest: +SKIP
+        ...                         batch_url="https://acct.westeurope.batch.azure.com",
+        ...                         storage="az://cloudexec-io/jobs",
+        ...                         storage_options={"account_name": "acctstorage"},
+        ...                         credential=DefaultAzureCredential())
+        >>> f = ex.with_settings(vcpus=4, priority=0.5).submit(fit, data)           # doctest: +SKIP
+        >>> f.job_status, f.job_log, f.provider_task_id, f.output_files()          # doctest: +SKIP
+
+    Args:
+        pool_id: the Azure Batch pool to run on (required). Its nodes run the
+            image `DEFAULT_CONTAINER_IMAGE` (``container/Dockerfile``) or the
+            ``container_image`` setting; a pool without a container
+            configuration runs tasks directly on its nodes. Its
+            ``taskSlotsPerNode`` should equal its VM size's vCPUs: ``vcpus``
+            asks for that many slots.
+        batch_url: the Batch account endpoint,
+            ``https://<account>.<region>.batch.azure.com`` (default: the
+            ``AZURE_BATCH_ENDPOINT`` environment variable).
+        storage: ``az://<container>/<prefix>`` for calls and results (required);
+            the container must exist. Each job also gets a container
+            ``job-<jobId>`` in the same account for its logs and outputs.
+        credential: for Batch, an ``AzureNamedKeyCredential(account, key)`` or any
+            azure-identity ``TokenCredential``; default ``DefaultAzureCredential()``.
+        storage_options: adlfs options for the storage account: ``account_name``
+            with ``account_key``/``sas_token``/``credential``, or
+            ``connection_string`` (default: adlfs's environment variables,
+            ``AZURE_STORAGE_CONNECTION_STRING``, ``AZURE_STORAGE_ACCOUNT_NAME`` …).
+            With an ``account_name`` and no key, a token ``credential`` is used
+            for Blob storage too.
+        task_environment: variables every task gets, e.g.
+            ``CLOUDEXEC_STORAGE_OPTIONS`` (JSON adlfs options for the runner) or
+            ``AZURE_CLIENT_ID`` of the pool's managed identity. They are visible
+            to anyone who can read the job: no secrets. By default the runner
+            reaches storage with what the pool provides (a managed identity,
+            or ``AZURE_STORAGE_CONNECTION_STRING`` set by a start task).
+        max_workers: jobs in flight (an array job counts once); default 1000.
+        poll_interval_s: (first, longest) pause between status polls.
+        lro_polling_interval_s: pause between the SDK's checks while a job is
+            being terminated or deleted.
+        **settings: default job settings: ``container_image``, ``vcpus``,
+            ``priority`` (-1..+1), ``timeout`` (s), ``retries`` (0..9),
+            ``job_name``, ``tags``. ``memory``/``gpus`` are refused (the pool's
+            VM size decides them).
+
+    Raises:
+        ValueError: a missing or malformed argument, an unknown pool, a bad setting.
+        TypeError: a credential of an unsupported type.
+        CloudExecError: the Batch account refused the credential or cannot be reached.
+        StorageError: the storage container is missing or refuses the credentials.
+    """
+
+    future_class = AzureBatchFuture
+    array_future_class = AzureArrayFuture
+
+    def __init__(
+        self,
+        pool_id: str,
+        *,
+        storage: str,
+        batch_url: str | None = None,
+        credential: Any = None,
+        storage_options: Mapping[str, Any] | None = None,
+        task_environment: Mapping[str, str] | None = None,
+        max_workers: int | None = None,
+        poll_interval_s: tuple[float, float] | None = None,
+        lro_polling_interval_s: float = 1.0,
+        **settings: Any,
+    ) -> None:
+        if not isinstance(pool_id, str) or not _JOB_ID_RE.match(pool_id):
+            raise ValueError(
+                f"pool_id must be the id of an Azure Batch pool (1-64 letters, digits, '-' or '_'); got {pool_id!r}"
+            )
+        batch_url = batch_url or os.environ.get("AZURE_BATCH_ENDPOINT")
+        if not isinstance(batch_url, str) or not re.fullmatch(r"https?://[^/\s]+/?", batch_url):
+            raise ValueError(
+                "batch_url must be the Batch account endpoint, such as "
+                f"'https://myaccount.westeurope.batch.azure.com' (or set AZURE_BATCH_ENDPOINT); got {batch_url!r}"
+            )
+        match = _STORAGE_RE.match(storage) if isinstance(storage, str) else None
+        if match is None:
+            raise ValueError(
+                f"storage must be an az:// URL such as 'az://cloudexec-io/jobs' (container/prefix); got {storage!r}"
+            )
+        container = match.group(2)
+        if not _CONTAINER_RE.match(container):
+            raise ValueError(
+                f"storage container {container!r} is not a valid blob container name: 3-63 lowercase letters, "
+                "digits and single hyphens, starting and ending with a letter or digit"
+            )
+        if lro_polling_interval_s <= 0:
+            raise ValueError(f"lro_polling_interval_s must be positive; got {lro_polling_interval_s!r}")
+        try:
+            from azure.batch import BatchClient
+            from azure.core.credentials import AzureNamedKeyCredential
+        except ImportError as exc:
+            raise ImportError("AzureBatchExecutor needs azure-batch and adlfs: pip install 'cloudexec[azure]'") from exc
+        if credential is None:
+            try:
+                from azure.identity import DefaultAzureCredential
+            except ImportError as exc:
+                raise ImportError(
+                    "no credential given and azure-identity is missing for DefaultAzureCredential: "
+                    "pip install 'cloudexec[azure]', or pass credential=AzureNamedKeyCredential(account, key)"
+                ) from exc
+            credential = DefaultAzureCredential()
+        is_named_key = isinstance(credential, AzureNamedKeyCredential)
+        if not is_named_key and not callable(getattr(credential, "get_token", None)):
+            raise TypeError(
+                f"credential must be an AzureNamedKeyCredential or an azure-identity TokenCredential; got "
+                f"{type(credential).__name__}. Example: AzureNamedKeyCredential('<batch account>', '<key>')"
+            )
+        options = _storage_options(storage_options, None if is_named_key else credential)
+        client = BatchClient(batch_url.rstrip("/"), credential)
+        provider = AzureBatchProvider(
+            client,
+            batch_url=batch_url.rstrip("/"),
+            pool_id=pool_id,
+            storage_url=storage.rstrip("/"),
+            storage_options=options,
+            task_environment=task_environment,
+            lro_polling_interval_s=lro_polling_interval_s,
+        )
+        try:
+            provider.check_environment()
+            _check_storage(provider, container)
+            super().__init__(
+                provider,
+                storage.rstrip("/"),
+                storage_options=options,
+                max_workers=max_workers,
+                poll_interval_s=poll_interval_s,
+                **settings,
+            )
+        except BaseException:
+            provider.close()
+            client.close()
+            raise
+
+    @property
+    def provider(self) -> AzureBatchProvider:
+        """The `AzureBatchProvider` this executor submits through (its pool facts, its client)."""
+        return cast(AzureBatchProvider, self._core.provider)
+
+
+def _storage_options(given: Mapping[str, Any] | None, token_credential: Any) -> dict[str, Any]:
+    """adlfs options; a token credential also serves Blob when an account has no other auth."""
+    options = dict(given or {})
+    has_auth = any(options.get(key) is not None for key in _STORAGE_AUTH_KEYS)
+    has_account = options.get("account_name") or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+    has_env_auth = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+    if not (has_account or options.get("connection_string") or has_env_auth):
+        raise ValueError(
+            "storage needs a storage account: pass storage_options={'account_name': ...} (with account_key=, "
+            "sas_token= or credential=) or {'connection_string': ...}, or set AZURE_STORAGE_CONNECTION_STRING "
+            "or AZURE_STORAGE_ACCOUNT_NAME"
+        )
+    if not has_auth and not has_env_auth and token_credential is not None and has_account:
+        options["credential"] = _AsyncTokenCredential(token_credential)
+    return options
+
+
+def _check_storage(provider: AzureBatchProvider, container: str) -> None:
+    """Fail at construction with Azure's reason when the storage container cannot be used."""
+    import uuid
+
+    fs = provider.filesystem()
+    probe = f"{provider.storage_url.split('://', 1)[1]}/.cloudexec-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+    except Exception as exc:
+        code = _error_code(exc)
+        if code == "ContainerNotFound":
+            raise StorageError(
+                f"the blob container {container!r} of storage={provider.storage_url!r} does not exist (Azure error "
+                f"code ContainerNotFound); create it (az storage container create --name {container} "
+                f"--account-name <account>, or BlobServiceClient.create_container({container!r})) or give an "
+                "existing one"
+            ) from exc
+        if code in ("AuthenticationFailed", "AuthorizationFailure", "AuthorizationPermissionMismatch") or getattr(
+            exc, "status_code", None
+        ) in (401, 403):
+            raise StorageError(
+                f"the storage account of {provider.storage_url!r} refused the credentials ({code or 'HTTP 403'}): "
+                "check the account name and key, connection string or SAS token in storage_options, or that "
+                "the identity has the 'Storage Blob Data Contributor' role on the account"
+            ) from exc
+        raise StorageError(
+            f"cannot write to {provider.storage_url!r} ({code or type(exc).__name__}): {_error_message(exc)}. "
+            "Give a container these credentials may write to"
+        ) from exc

@@ -17,6 +17,7 @@ import os
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
@@ -26,6 +27,26 @@ from cloudexec import ArrayFuture, BatchExecutor, BatchFuture, Phase
 from cloudexec.errors import PayloadError, RemoteTraceback
 
 MakeExecutor = Callable[..., BatchExecutor]
+
+
+def executor_factory(build: Callable[..., BatchExecutor], shutdown_limit_s: float = 60.0) -> Iterator[MakeExecutor]:
+    """Body of a provider's ``make_executor`` fixture.
+
+    Yields a function that builds executors with ``build(**kwargs)``; at
+    teardown it shuts each down and checks ``shutdown()`` returned promptly.
+    """
+    made: list[BatchExecutor] = []
+
+    def make(**kwargs: Any) -> BatchExecutor:
+        ex = build(**kwargs)
+        made.append(ex)
+        return ex
+
+    yield make
+    for ex in made:
+        started = time.monotonic()
+        ex.shutdown(wait=True, cancel_futures=True)
+        assert time.monotonic() - started < shutdown_limit_s, f"{ex!r}: shutdown() did not return promptly"
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:

@@ -15,7 +15,7 @@ from cloudexec import AWSBatchExecutor, AWSJobStatus
 from cloudexec.errors import CloudExecError, JobFailedError, StorageError
 from cloudexec.providers.aws import sanitize_job_name
 from cloudexec.testing import aws_batch_emulator
-from contract import ExecutorContract, wait_until
+from contract import ExecutorContract, executor_factory, wait_until
 
 pytestmark = pytest.mark.aws
 
@@ -32,19 +32,11 @@ def emu() -> Iterator[Any]:
 
 @pytest.fixture
 def make_executor(emu: Any) -> Iterator[Any]:
-    made: list[AWSBatchExecutor] = []
-
-    def make(**kwargs: Any) -> AWSBatchExecutor:
+    def build(**kwargs: Any) -> AWSBatchExecutor:
         kwargs.setdefault("poll_interval_s", FAST_POLL)
-        ex = emu.executor(**kwargs)
-        made.append(ex)
-        return ex
+        return emu.executor(**kwargs)  # type: ignore[no-any-return]
 
-    yield make
-    for ex in made:
-        started = time.monotonic()
-        ex.shutdown(wait=True, cancel_futures=True)
-        assert time.monotonic() - started < 60, "shutdown() did not return promptly"
+    yield from executor_factory(build)
 
 
 class TestAWSContract(ExecutorContract):

@@ -46,7 +46,7 @@ from cloudexec.providers.azure import (  # noqa: E402
     task_status,
 )
 from cloudexec.testing.azure import AzureBatchEmulator, azure_batch_emulator  # noqa: E402
-from contract import ExecutorContract, wait_until  # noqa: E402
+from contract import ExecutorContract, executor_factory, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.azure
 
@@ -77,18 +77,10 @@ def blobs(emu: AzureBatchEmulator) -> Any:
 
 @pytest.fixture
 def make_executor(emu: AzureBatchEmulator) -> Iterator[Any]:
-    made: list[AzureBatchExecutor] = []
+    def build(**kwargs: Any) -> AzureBatchExecutor:
+        return emu.executor(**{**FAST, **kwargs})
 
-    def make(**kwargs: Any) -> AzureBatchExecutor:
-        ex: AzureBatchExecutor = emu.executor(**{**FAST, **kwargs})
-        made.append(ex)
-        return ex
-
-    yield make
-    for ex in made:
-        started = time.monotonic()
-        ex.shutdown(wait=True, cancel_futures=True)
-        assert time.monotonic() - started < 30, "shutdown() did not return promptly"
+    yield from executor_factory(build, shutdown_limit_s=30)
 
 
 class TestAzureContract(ExecutorContract):

@@ -18,24 +18,16 @@ import pytest
 import jobs
 from cloudexec import LocalBatchExecutor, LocalJobStatus
 from cloudexec.errors import JobFailedError, StorageError
-from contract import ExecutorContract, run_script, wait_until
+from contract import ExecutorContract, executor_factory, run_script, wait_until
 
 
 @pytest.fixture
 def make_executor(io_root: str) -> Iterator[Any]:
-    made: list[LocalBatchExecutor] = []
-
-    def make(**kwargs: Any) -> LocalBatchExecutor:
+    def build(**kwargs: Any) -> LocalBatchExecutor:
         kwargs.setdefault("max_workers", 2)
-        ex = LocalBatchExecutor(io_root, **kwargs)
-        made.append(ex)
-        return ex
+        return LocalBatchExecutor(io_root, **kwargs)
 
-    yield make
-    for ex in made:
-        started = time.monotonic()
-        ex.shutdown(wait=True, cancel_futures=True)
-        assert time.monotonic() - started < 30, "shutdown() did not return promptly"
+    yield from executor_factory(build, shutdown_limit_s=30)
 
 
 class TestLocalContract(ExecutorContract):

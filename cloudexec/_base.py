@@ -24,18 +24,17 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from cloudexec import _payload
-from cloudexec._provider import JobInfo, JobSpec, JobStatus, Provider
+from cloudexec._provider import JobInfo, JobStatus, Provider
 from cloudexec._storage import Store, open_store
 from cloudexec._version import __version__
 from cloudexec.errors import JobFailedError, JobNotFoundError, StorageError

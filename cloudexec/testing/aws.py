@@ -1621,21 +1621,27 @@ class _JobService:
             matched = matched[:page]
             return [self._summary(j) for j in matched], (matched[-1].seq if more else None)
 
+    def _stop_targets(self, job_id: str, reason: str, flag: str) -> list[_Job]:
+        """The jobs a CancelJob/TerminateJob on ``job_id`` acts on (an array: its children).
+
+        Marks an unfinished array parent with ``flag`` (``is_cancelled`` or
+        ``is_terminated``) and the reason; the caller holds ``self._cond``.
+        """
+        job = self._jobs.get(job_id)
+        if job is None:
+            return []
+        if job.children is None:
+            return [job]
+        if job.status not in _TERMINAL:
+            setattr(job, flag, True)
+            job.stop_reason = reason
+        return list(job.children)
+
     def cancel(self, job_id: str, reason: str) -> None:
         with self._cond:
-            job = self._jobs.get(job_id)
-            if job is None:
-                return
-            if job.children is not None:
-                # "AWS Batch attempts to cancel all child jobs. The array parent job is
-                # canceled when all child jobs are completed."
-                if job.status not in _TERMINAL:
-                    job.is_cancelled = True
-                    job.stop_reason = reason
-                targets = job.children
-            else:
-                targets = [job]
-            for target in targets:
+            # "AWS Batch attempts to cancel all child jobs. The array parent job is
+            # canceled when all child jobs are completed."
+            for target in self._stop_targets(job_id, reason, "is_cancelled"):
                 # STARTING/RUNNING jobs are not cancelled; the call still succeeds.
                 if target.status in _NOT_STARTED:
                     target.is_cancelled = True
@@ -1644,17 +1650,7 @@ class _JobService:
 
     def terminate(self, job_id: str, reason: str) -> None:
         with self._cond:
-            job = self._jobs.get(job_id)
-            if job is None:
-                return
-            if job.children is not None:
-                if job.status not in _TERMINAL:
-                    job.is_terminated = True
-                    job.stop_reason = reason
-                targets = job.children
-            else:
-                targets = [job]
-            for target in targets:
+            for target in self._stop_targets(job_id, reason, "is_terminated"):
                 self._terminate_one(target, reason)
             self._cond.notify_all()
 

@@ -35,6 +35,7 @@ from cloudexec._base import CANCEL_REASON  # noqa: E402
 from cloudexec.errors import CloudExecError, JobFailedError, StorageError, SubmissionError  # noqa: E402
 from cloudexec.providers.azure import (  # noqa: E402
     DEFAULT_CONTAINER_IMAGE,
+    _REFRESH_PER_POLL,
     MAX_TASKS_PER_REQUEST,
     AzureArrayFuture,
     AzureBatchExecutor,
@@ -372,13 +373,66 @@ def test_describe_is_a_few_calls_per_poll(make_executor: Any, emu: AzureBatchEmu
     assert set(infos) == set(refs)
     assert [infos[r].status for r in refs[:3]] == [AzureJobStatus.RUNNING] * 3
     assert infos[refs[3]].status is AzureJobStatus.ACTIVE
-    # A running task: one GET; a queued one: its task and its job; an array: taskcounts and its job.
-    assert sorted(counting.calls) == sorted(
-        ["get_task"] * 4 + ["get_job"] + ["get_job_task_counts", "get_job"]
-    )
+    # One list of the jobs (it says which are active, and why one ended); a GET
+    # of each active single job's task (at most a few per poll); an array's taskcounts.
+    assert sorted(counting.calls) == sorted(["list_jobs"] + ["get_task"] * 4 + ["get_job_task_counts"])
+    counting.calls.clear()
+    assert provider.describe(refs[:1])[refs[0]].status is AzureJobStatus.RUNNING
+    assert counting.calls == ["get_task"]  # a lone job (a property read) is asked about directly
     provider.close()
     for fut in [*singles, queued, arr]:
         fut.result(timeout=45)
+
+
+@pytest.mark.timeout(120)
+def test_describe_of_many_jobs_costs_a_list_and_a_few_gets(make_executor: Any, emu: AzureBatchEmulator) -> None:
+    ex = make_executor()
+    blocker = ex.with_settings(vcpus=SLOTS).submit(jobs.nap, 4)  # holds every slot: the others queue
+    wait_until(blocker.running, 30)
+    singles = [ex.submit(jobs.nap, 0.5) for _ in range(20)]
+    wait_until(lambda: all(f._record.ref for f in singles), 30)  # all submitted
+    counting = _CountingClient(emu.batch_client())
+    provider = AzureBatchProvider(
+        counting, batch_url=emu.batch_url, pool_id=emu.pool_id, storage_url=emu.storage_url,
+        storage_options=emu.adlfs_options(),
+    )
+    refs = [f._record.ref or "" for f in singles]
+    before = dict(emu.api_calls)
+    infos = provider.describe(refs)
+    # All queued behind the blocker: one list of the jobs, and the tasks of a few of them.
+    assert [infos[r].status for r in refs] == [AzureJobStatus.ACTIVE] * 20
+    assert sorted(counting.calls) == sorted(["list_jobs"] + ["get_task"] * _REFRESH_PER_POLL)
+    assert emu.api_calls["list_jobs"] - before.get("list_jobs", 0) >= 1  # the list went over the wire
+
+    def finals() -> int:
+        return sum(1 for s in provider._seen.values() if s.final is not None)
+
+    seen: dict[str, list[str]] = {r: [infos[r].status.value] for r in refs}  # type: ignore[union-attr]
+    deadline = time.monotonic() + 90
+    while not all(s[-1] == "Succeeded" for s in seen.values()):
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.1)
+        counting.calls.clear()
+        done_before = finals()
+        infos = provider.describe(refs)
+        assert set(infos) == set(refs)
+        # One list, at most a few task GETs, and one GET per job the moment it completes.
+        assert counting.calls.count("list_jobs") == 1 and "get_job" not in counting.calls
+        assert len(counting.calls) <= 1 + _REFRESH_PER_POLL + (finals() - done_before), counting.calls
+        for ref in refs:
+            status = infos[ref].status
+            assert status is not None
+            if status.value != seen[ref][-1]:
+                seen[ref].append(status.value)
+    order = ["Active", "Running", "Succeeded"]
+    for statuses in seen.values():
+        assert statuses == sorted(statuses, key=order.index) and statuses[-1] == "Succeeded", seen
+    assert any("Running" in statuses for statuses in seen.values()), seen
+    counting.calls.clear()
+    assert all(i.exit_code == 0 for i in provider.describe(refs).values())
+    assert counting.calls == []  # a completed job's answer is kept: it never changes
+    provider.close()
+    assert [f.result(timeout=45)[1] > 0 for f in singles] == [True] * 20 and blocker.result(timeout=45)
 
 
 # -- settings ---------------------------------------------------------------------------------

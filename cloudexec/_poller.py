@@ -34,6 +34,8 @@ log = logging.getLogger("cloudexec")
 # show a job for a moment after SubmitJob, and shows none 24 h after it ended.
 _MISSING_POLLS = 5
 _MISSING_S = 30.0
+# Longest stretch the manager spends submitting before it polls again.
+_DISPATCH_SLICE_S = 1.0
 
 
 def future_done(record: _JobRecord) -> bool:
@@ -163,7 +165,11 @@ class Manager:
     # -- dispatch ------------------------------------------------------------
     def _dispatch(self) -> bool:
         progressed = False
-        while True:
+        # Submitting is a few round trips per job: hand the loop back now and
+        # then, so that polls of the jobs already in flight are not starved
+        # while thousands of submissions go out.
+        deadline = time.monotonic() + _DISPATCH_SLICE_S
+        while time.monotonic() < deadline:
             with self.cond:
                 if not self.queue or len(self._counted()) >= self.core.max_workers:
                     return progressed
@@ -182,6 +188,7 @@ class Manager:
                 for fut in [record.future, *record.children]:
                     if fut is not None and not fut.done():
                         fut._finish(exception=exc)
+        return progressed
 
     def _submit(self, record: _JobRecord) -> None:
         provider = self.core.provider

@@ -332,3 +332,31 @@ def test_lost_job_without_result_fails_clearly(monkeypatch: pytest.MonkeyPatch) 
         fut = ex.submit(jobs.double, 1)
         with pytest.raises(JobFailedError, match="no longer knows this job"):
             fut.result(timeout=20)
+
+
+@pytest.mark.timeout(30)
+def test_polls_go_on_while_many_submissions_go_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloudexec._poller as poller
+
+    monkeypatch.setattr(poller, "_DISPATCH_SLICE_S", 0.2)
+    provider = FakeProvider()
+    events: list[str] = []
+    submit = provider.submit
+    describe = provider.describe
+
+    def slow_submit(spec: JobSpec) -> str:
+        time.sleep(0.05)  # a SubmitJob round trip
+        events.append("submit")
+        return submit(spec)
+
+    def logged_describe(refs: Sequence[str]) -> dict[str, JobInfo]:
+        events.append("describe")
+        return describe(refs)
+
+    provider.submit = slow_submit  # type: ignore[method-assign]
+    provider.describe = logged_describe  # type: ignore[method-assign]
+    with BatchExecutor(provider, f"memory://slices-{time.time_ns()}") as ex:
+        futures = [ex.submit(jobs.double, i) for i in range(40)]
+        assert [f.result(timeout=25) for f in futures] == [2 * i for i in range(40)]
+    last_submit = len(events) - 1 - events[::-1].index("submit")
+    assert "describe" in events[:last_submit], "no poll happened until every job was submitted"

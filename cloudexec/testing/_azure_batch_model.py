@@ -150,8 +150,26 @@ def validate_id(value: Any, *, kind: str) -> str:
     return value
 
 
+class _StateMachine:
+    """Azure's state bookkeeping shared by jobs and tasks (the fields live in the dataclasses)."""
+
+    state: str
+    state_transition_time: dt.datetime
+    previous_state: str | None
+    previous_state_transition_time: dt.datetime | None
+
+    def set_state(self, state: str, when: dt.datetime) -> None:
+        """Move to ``state``, keeping Azure's previous-state fields up to date."""
+        if state == self.state:
+            return
+        self.previous_state = self.state
+        self.previous_state_transition_time = self.state_transition_time
+        self.state = state
+        self.state_transition_time = when
+
+
 @dataclass(eq=False)
-class TaskRecord:
+class TaskRecord(_StateMachine):
     """One task as the service and the node see it.
 
     Fields up to ``result`` are what the REST API reports; the rest is the
@@ -190,18 +208,9 @@ class TaskRecord:
     kill_sent_mono: float | None = None
     killed_hard: bool = False
 
-    def set_state(self, state: str, when: dt.datetime) -> None:
-        """Move to ``state``, keeping Azure's previous-state fields up to date."""
-        if state == self.state:
-            return
-        self.previous_state = self.state
-        self.previous_state_transition_time = self.state_transition_time
-        self.state = state
-        self.state_transition_time = when
-
 
 @dataclass(eq=False)
-class JobRecord:
+class JobRecord(_StateMachine):
     """One job: its settings, its state and its tasks (keyed by lower-cased id)."""
 
     id: str
@@ -226,15 +235,6 @@ class JobRecord:
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
     queue: collections.deque[TaskRecord] = field(default_factory=collections.deque)
     running: int = 0
-
-    def set_state(self, state: str, when: dt.datetime) -> None:
-        """Move to ``state``, keeping Azure's previous-state fields up to date."""
-        if state == self.state:
-            return
-        self.previous_state = self.state
-        self.previous_state_transition_time = self.state_transition_time
-        self.state = state
-        self.state_transition_time = when
 
 
 class BatchStore:

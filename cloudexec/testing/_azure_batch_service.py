@@ -542,9 +542,7 @@ class AzureBatchService:
             "state": job.state,
             "stateTransitionTime": format_time(job.state_transition_time),
         }
-        if job.previous_state is not None and job.previous_state_transition_time is not None:
-            out["previousState"] = job.previous_state
-            out["previousStateTransitionTime"] = format_time(job.previous_state_transition_time)
+        out.update(_previous_state(job))
         for name in ("displayName", "commonEnvironmentSettings", "metadata", "networkConfiguration"):
             if spec.get(name) is not None:
                 out[name] = spec[name]
@@ -735,9 +733,7 @@ class AzureBatchService:
             "state": task.state,
             "stateTransitionTime": format_time(task.state_transition_time),
         }
-        if task.previous_state is not None and task.previous_state_transition_time is not None:
-            out["previousState"] = task.previous_state
-            out["previousStateTransitionTime"] = format_time(task.previous_state_transition_time)
+        out.update(_previous_state(task))
         out["commandLine"] = spec.get("commandLine")
         for name in ("displayName", "environmentSettings", "containerSettings", "userIdentity", "affinityInfo"):
             if spec.get(name) is not None:
@@ -1008,3 +1004,13 @@ class AzureBatchService:
             items.append((index, entry))
         list_path = f"/jobs/{quote(task.job.id, safe='')}/tasks/{quote(task.id, safe='')}/files"
         return self._page(request, "files", items, list_path)
+
+
+def _previous_state(record: Any) -> dict[str, Any]:
+    """Azure's ``previousState`` fields of a job or task, once it has left its first state."""
+    if record.previous_state is None or record.previous_state_transition_time is None:
+        return {}
+    return {
+        "previousState": record.previous_state,
+        "previousStateTransitionTime": format_time(record.previous_state_transition_time),
+    }

@@ -286,7 +286,10 @@ class AWSBatchEmulator:
         with self._client_lock:
             if self._client_session is None:
                 self._client_session = self.session()
-            return self._client_session.client(service, **kwargs)  # type: ignore[call-overload]
+            # Typed as Any so the call checks the same with or without boto3 stubs
+            # installed (their overloads reject a service name known only at run time).
+            session: Any = self._client_session
+            return session.client(service, **kwargs)
 
     def s3fs_options(self) -> dict[str, Any]:
         """Returns keyword arguments for ``s3fs.S3FileSystem`` reaching the emulator.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import sys
 import sysconfig
@@ -53,6 +54,7 @@ __all__ = [
     "INPUTS",
     "RESULT",
     "RESULTS_DIR",
+    "check_job_id",
 ]
 
 MANIFEST = "job.json"
@@ -68,6 +70,26 @@ _INDEX_MAGIC = b"CLDXIDX1"
 _U64 = struct.Struct(">Q")
 
 PY_VERSION = "%d.%d.%d" % sys.version_info[:3]
+
+
+# A job id becomes a storage key, a URL path segment and a provider name:
+# letters, digits, "-" and "_" only, so no "..", separator or scheme gets through.
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def check_job_id(job_id: object, *, what: str = "job id") -> str:
+    """Return ``job_id`` if it is a valid cloudexec job id.
+
+    Raises:
+        ValueError: not 1-128 letters, digits, ``-`` or ``_`` starting with a
+            letter or digit (the message shows the value).
+    """
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise ValueError(
+            f"{what} {job_id!r} is not a cloudexec job id: expected 1-128 letters, digits, '-' or '_' "
+            "(no '.', '/', '\\' or URL scheme), like the job_id of a future"
+        )
+    return job_id
 
 
 def result_key(index: int | None) -> str:

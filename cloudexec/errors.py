@@ -21,6 +21,7 @@ __all__ = [
     "VersionMismatchError",
     "StorageError",
     "JobNotFoundError",
+    "IntegrityError",
     "RemoteTraceback",
     "RemoteError",
 ]
@@ -115,6 +116,31 @@ class StorageError(CloudExecError):
 
 class JobNotFoundError(CloudExecError, LookupError):
     """No job with that id is known to the storage or the provider."""
+
+
+class IntegrityError(CloudExecError):
+    """A stored object failed signature verification and was not unpickled.
+
+    Raised for a call, input slice, result or manifest that is unsigned,
+    tampered with, truncated, signed with another key, or copied from another
+    job or array child. Nothing of the object was deserialised.
+
+    Attributes:
+        job_id: the job the object belongs to (``<id>[<index>]`` for a child).
+        what: which object, e.g. ``"result results/3.pkl"``.
+    """
+
+    def __init__(self, message: str, *, job_id: str | None = None, what: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.what = what
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_integrity, (str(self), self.job_id, self.what))
+
+
+def _rebuild_integrity(message: str, job_id: str | None, what: str | None) -> IntegrityError:
+    return IntegrityError(message, job_id=job_id, what=what)
 
 
 class RemoteTraceback(Exception):

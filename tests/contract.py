@@ -4,7 +4,9 @@ Written once against "an executor" and run per provider by a small subclass
 in each provider's test file (the CPython mixin / fsspec abstract-suite
 pattern). A subclass provides the fixture ``make_executor(**kwargs)`` that
 returns a fresh executor of its provider (``max_workers`` and job settings
-pass through), and the class attribute ``cancel_timeout_s``.
+pass through). Class attributes state the real differences between providers
+(how a timeout is expressed and reported, whether a memory limit is enforced);
+everything else is asserted the same way for every provider.
 
 Every test that waits has a timeout; teardown checks ``shutdown()`` returns.
 """
@@ -24,7 +26,7 @@ import pytest
 
 import jobs
 from cloudexec import ArrayFuture, BatchExecutor, BatchFuture, Phase
-from cloudexec.errors import PayloadError, RemoteTraceback
+from cloudexec.errors import JobFailedError, PayloadError, RemoteTraceback
 
 MakeExecutor = Callable[..., BatchExecutor]
 
@@ -65,6 +67,15 @@ class ExecutorContract:
 
     #: How long a started job may take to be seen running and to be cancelled.
     cancel_timeout_s = 30.0
+    #: A ``timeout`` setting (seconds) the provider accepts that ends a 30 s nap early.
+    timeout_setting: float = 1
+    #: Exit code the provider reports for an attempt killed at its timeout.
+    timeout_exit_code: int = 137
+    #: A ``memory`` setting small enough for a 300 MiB allocation to be killed;
+    #: ``None`` where the provider enforces no per-job memory limit (Azure Batch).
+    memory_limit: str | int | None = "80 MiB"
+    #: The provider's status reason for a job killed for its memory.
+    oom_reason = "OutOfMemoryError: Container killed due to memory usage"
 
     # -- submit -----------------------------------------------------------------
     @pytest.mark.timeout(60)
@@ -142,6 +153,72 @@ class ExecutorContract:
         ex = make_executor()
         with pytest.raises(PayloadError, match="cannot be pickled"):
             ex.submit(jobs.unpicklable_result).result(timeout=45)
+
+    # -- jobs that end without a result ------------------------------------------
+    @pytest.mark.timeout(60)
+    def test_job_that_exits_without_a_result(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        fut = ex.submit(jobs.exit_hard, 3)
+        with pytest.raises(JobFailedError) as info:
+            fut.result(timeout=45)
+        err = info.value
+        assert err.exit_code == 3 and fut.job_exit_code == 3 and err.job_id == fut.job_id
+        assert fut.job_status is not None and fut.job_status.phase is Phase.FAILED
+        assert err.status == fut.job_status.value
+        assert fut.job_id in str(err) and "exit code: 3" in str(err) and "job_log" in str(err)
+
+    @pytest.mark.timeout(60)
+    def test_timeout_kills_the_attempt(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor().with_settings(timeout=self.timeout_setting)
+        fut = ex.submit(jobs.nap, 30)
+        with pytest.raises(JobFailedError) as info:
+            fut.result(timeout=45)
+        assert "timeout" in (info.value.hint or "")
+        assert fut.job_exit_code == self.timeout_exit_code
+        assert fut.job_status is not None and fut.job_status.phase is Phase.FAILED
+
+    @pytest.mark.timeout(90)
+    def test_memory_limit_kills_the_job(self, make_executor: MakeExecutor) -> None:
+        if self.memory_limit is None:
+            pytest.skip("this provider enforces no per-job memory limit")
+        ex = make_executor().with_settings(memory=self.memory_limit)
+        fut = ex.submit(jobs.hog, 300)
+        with pytest.raises(JobFailedError) as info:
+            fut.result(timeout=45)
+        assert self.oom_reason in str(info.value)
+        assert "memory" in (info.value.hint or "")
+        assert fut.job_exit_code == 137 and fut.job_status_reason == self.oom_reason
+        # An array child is killed alone; its siblings succeed.
+        arr = ex.submit_map(jobs.hog, [1, 300, 1], [0.0, 3.0, 0.0])
+        with pytest.raises(JobFailedError):
+            arr.result(timeout=45)
+        assert arr.child_job_exit_codes == [0, 137, 0]
+        assert arr.children[0].result() == 1024 * 1024
+
+    @pytest.mark.timeout(60)
+    def test_retries_rerun_failed_attempts(self, make_executor: MakeExecutor, tmp_path: Any) -> None:
+        ex = make_executor()
+        fut = ex.with_settings(retries=2).submit(jobs.flaky, str(tmp_path / "count"), 2)
+        assert fut.result(timeout=45) == 3
+        assert fut.attempts == 3 and fut.job_exit_code == 0
+        # Without retries the first failure is final.
+        with pytest.raises(RuntimeError, match="attempt 1 fails"):
+            ex.submit(jobs.flaky, str(tmp_path / "count2"), 1).result(timeout=45)
+
+    @pytest.mark.timeout(90)
+    def test_cancel_array_terminates_every_child(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        arr = ex.submit_map(jobs.nap, [30, 30, 30])
+        wait_until(lambda: arr.child_job_statuses[0] is not None and arr.child_job_statuses[0].phase is Phase.RUNNING,
+                   self.cancel_timeout_s)
+        assert arr.cancel() is True
+        assert all(c.cancelled() for c in arr.children)
+        wait_until(lambda: arr.job_status is not None and arr.job_status.terminal, self.cancel_timeout_s, 0.1)
+        assert arr.job_status is not None and arr.job_status.phase is Phase.FAILED
+        # Child properties are re-read at most about once a second: wait for the ended children.
+        wait_until(lambda: all(s is not None and s.terminal for s in arr.child_job_statuses), self.cancel_timeout_s)
+        reasons = arr.child_job_status_reasons
+        assert all("cloudexec" in (r or "") for r in reasons), reasons
 
     # -- map --------------------------------------------------------------------
     @pytest.mark.timeout(90)

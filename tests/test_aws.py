@@ -16,6 +16,7 @@ from cloudexec.errors import CloudExecError, JobFailedError, StorageError
 from cloudexec.providers.aws import sanitize_job_name
 from cloudexec.testing import aws_batch_emulator
 from contract import ExecutorContract, executor_factory, wait_until
+from provider_contract import ProviderContract
 
 pytestmark = pytest.mark.aws
 
@@ -45,6 +46,11 @@ class TestAWSContract(ExecutorContract):
     timeout_setting = 60  # AWS's minimum; 1.2 s at the emulator's timeout_scale of 0.02
     timeout_exit_code = 143  # SIGTERM at the timeout, as docker stop sends it
     memory_limit = 128  # MiB, as the job definition states it
+
+
+class TestAWSProviderContract(ProviderContract):
+    """The provider contract, on the AWS Batch emulator."""
+
 
 
 def _describe(emu: Any, job_id: str) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from cloudexec.providers.azure import (  # noqa: E402
 )
 from cloudexec.testing.azure import AzureBatchEmulator, azure_batch_emulator  # noqa: E402
 from contract import ExecutorContract, executor_factory, wait_until  # noqa: E402
+from provider_contract import ProviderContract  # noqa: E402
 
 pytestmark = pytest.mark.azure
 
@@ -89,6 +90,11 @@ class TestAzureContract(ExecutorContract):
 
     timeout_exit_code = 143  # the node sends SIGTERM at maxWallClockTime
     memory_limit = None  # Azure Batch sizes memory by VM, not per task
+
+
+class TestAzureProviderContract(ProviderContract):
+    """The provider contract, on the Azure Batch emulator."""
+
 
 
 def py_exec(code: str) -> tuple[Any, str, dict[str, Any]]:

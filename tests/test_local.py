@@ -18,6 +18,7 @@ import jobs
 from cloudexec import LocalBatchExecutor, LocalJobStatus
 from cloudexec.errors import JobFailedError, StorageError
 from contract import ExecutorContract, executor_factory, run_script, wait_until
+from provider_contract import ProviderContract
 
 
 @pytest.fixture
@@ -31,6 +32,11 @@ def make_executor(io_root: str) -> Iterator[Any]:
 
 class TestLocalContract(ExecutorContract):
     """The executor contract, on local processes."""
+
+
+class TestLocalProviderContract(ProviderContract):
+    """The provider contract, on local processes."""
+
 
 
 # -- local lifecycle -------------------------------------------------------------

@@ -13,12 +13,13 @@ import pytest
 
 import jobs
 from cloudexec import BatchExecutor, JobInfo, JobSpec, Phase, Provider
-from cloudexec import _payload, runner
+from cloudexec import _payload
 from cloudexec._provider import JobStatus
 from cloudexec._storage import FsspecStore, LocalStore, open_store
 from cloudexec.errors import JobFailedError, PayloadError, RemoteError, VersionMismatchError
 from cloudexec.providers.local import LocalJobStatus
 from cloudexec.settings import JobSettings, parse_memory
+from cloudexec.testing.fake import FakeBatchProvider, FakeBatchService, FakeJobStatus
 
 # -- settings ---------------------------------------------------------------------
 
@@ -232,54 +233,16 @@ def test_local_status_table(member: JobStatus, name: str, phase: Phase) -> None:
 # -- the generic executor on an in-process fake provider ----------------------------
 
 
-class FakeStatus(JobStatus):
-    QUEUED = ("QUEUED", Phase.QUEUED)
-    RUNNING = ("RUNNING", Phase.RUNNING)
-    DONE = ("DONE", Phase.SUCCEEDED)
-    FAILED = ("FAILED", Phase.FAILED)
-
-
-class FakeProvider(Provider):
-    """Runs the real runner code in threads against memory:// storage."""
-
-    name = "fake"
-    status_enum = FakeStatus
-    poll_interval_s = (0.01, 0.05)
+class FakeProvider(FakeBatchProvider):
+    """The published in-process fake, on a service of its own, counting the ids per describe."""
 
     def __init__(self) -> None:
-        self.jobs: dict[str, dict[str, Any]] = {}
+        super().__init__(FakeBatchService())
         self.describe_calls: list[int] = []
-        self.forget: set[str] = set()
-
-    def submit(self, spec: JobSpec) -> str:
-        ref = f"fake-{len(self.jobs)}"
-        job: dict[str, Any] = {"status": FakeStatus.QUEUED, "spec": spec, "codes": {}}
-        self.jobs[ref] = job
-
-        def work() -> None:
-            job["status"] = FakeStatus.RUNNING
-            indices = range(spec.array_size) if spec.array_size else [None]
-            for index in indices:
-                job["codes"][index] = runner.run_job(spec.job_url, index=index)
-            failed = any(job["codes"].values())
-            job["status"] = FakeStatus.FAILED if failed else FakeStatus.DONE
-
-        threading.Thread(target=work, daemon=True).start()
-        return ref
 
     def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
         self.describe_calls.append(len(refs))
-        return {r: JobInfo(status=self.jobs[r]["status"], provider_job_id=r) for r in refs if r in self.jobs and r not in self.forget}
-
-    def describe_children(self, ref: str, size: int) -> list[JobInfo | None]:
-        codes = self.jobs[ref]["codes"]
-        return [JobInfo(status=FakeStatus.DONE, exit_code=codes.get(i)) for i in range(size)]
-
-    def cancel(self, ref: str, reason: str, *, index: int | None = None) -> None:
-        pass
-
-    def read_log(self, ref: str, *, index: int | None = None, stream: str = "stdout") -> str | None:
-        return None
+        return super().describe(refs)
 
 
 @pytest.mark.timeout(30)
@@ -297,7 +260,7 @@ def test_generic_executor_polls_in_bulk_on_memory_storage() -> None:
 def test_a_provider_missing_a_verb_fails_at_construction() -> None:
     class Incomplete(Provider):
         name = "incomplete"
-        status_enum = FakeStatus
+        status_enum = FakeJobStatus
 
         def submit(self, spec: JobSpec) -> str:
             return ""
@@ -312,7 +275,7 @@ def test_expired_job_still_returns_its_stored_result(monkeypatch: pytest.MonkeyP
     ex = BatchExecutor(provider, f"memory://expired-{time.time_ns()}")
     fut = ex.submit(jobs.double, 4)
     assert fut.result(timeout=20) == 8
-    provider.forget.add(fut.provider_job_id or "")  # the service forgot the job (24 h expiry)
+    assert provider.service.expire_job(fut.provider_job_id or "")  # the service forgot the job (24 h expiry)
     fresh = BatchExecutor(provider, ex.io_url)
     again = fresh.attach(fut.job_id)
     assert again.result(timeout=20) == 8

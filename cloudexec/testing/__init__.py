@@ -4,6 +4,9 @@
 job's command as a local process; ``azure_batch_emulator()`` starts Azurite and a
 local Azure Batch REST service. Both yield an object whose ``executor(**kwargs)``
 returns a ready executor, so a pipeline can be tested with no cloud account.
+``cloudexec.testing.fake`` is a whole provider whose service lives in this
+process (jobs run in threads): the fastest executor for unit tests, and the
+model of a new provider (``docs/providers.md``).
 
 The emulators import their heavy dependencies (moto, azure SDKs) lazily, so
 importing this package costs nothing.

@@ -1,0 +1,70 @@
+"""FakeBatchExecutor (cloudexec.testing.fake): both contract suites, plus what only the fake does.
+
+This file is the whole test of a provider module: one class per contract
+suite, and the few things the provider does differently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import jobs
+from cloudexec.errors import JobFailedError
+from cloudexec.testing.fake import FakeBatchExecutor, FakeBatchService, FakeJobStatus
+from contract import ExecutorContract, executor_factory
+from provider_contract import ProviderContract
+
+
+@pytest.fixture
+def make_executor() -> Iterator[Any]:
+    io_url = f"memory://fake-tests/{time.time_ns()}"  # shared by the executors of one test, for attach
+
+    def build(**kwargs: Any) -> FakeBatchExecutor:
+        kwargs.setdefault("max_workers", 4)
+        return FakeBatchExecutor(io_url, **kwargs)
+
+    yield from executor_factory(build, shutdown_limit_s=10)
+
+
+class TestFakeContract(ExecutorContract):
+    """The executor contract, on the in-process fake service."""
+
+    memory_limit = None  # threads share one process: memory is not limited
+    isolated_processes = False
+
+
+class TestFakeProviderContract(ProviderContract):
+    """The provider contract, on the in-process fake service."""
+
+
+@pytest.mark.timeout(30)
+def test_a_job_that_ends_without_a_result() -> None:
+    service = FakeBatchService(runner=lambda job_url, index: 3)  # "exits" 3, writes nothing
+    with FakeBatchExecutor(service=service) as ex:
+        fut = ex.submit(jobs.double, 1)
+        with pytest.raises(JobFailedError, match="exit code: 3") as info:
+            fut.result(timeout=20)
+        assert info.value.job_id == fut.job_id and fut.job_status is FakeJobStatus.FAILED
+
+
+@pytest.mark.timeout(30)
+def test_own_service_counts_calls_and_expires_jobs() -> None:
+    service = FakeBatchService(slots=2)
+    with FakeBatchExecutor(service=service, max_workers=10) as ex:
+        futures = [ex.submit(jobs.double, i) for i in range(10)]
+        assert [f.result(timeout=20) for f in futures] == [2 * i for i in range(10)]
+        assert service.api_calls["submit"] == 10
+        assert service.api_calls["describe"] < 10 * 5  # bulk polls, not one per job
+        assert service.expire_job(futures[0].provider_job_id or "")
+        with FakeBatchExecutor(ex.io_url, service=service) as other:
+            again = other.attach(futures[0].job_id)
+            assert again.result(timeout=20) == 0 and again.job_status is None
+
+
+def test_bad_slots_are_refused() -> None:
+    with pytest.raises(ValueError, match="slots must be a positive int; got 0"):
+        FakeBatchService(slots=0)

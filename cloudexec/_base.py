@@ -33,11 +33,11 @@ from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from cloudexec import _payload
+from cloudexec import _keys, _payload
 from cloudexec._provider import JobInfo, JobStatus, Provider
 from cloudexec._storage import Store, open_store
 from cloudexec._version import __version__
-from cloudexec.errors import JobFailedError, JobNotFoundError, StorageError
+from cloudexec.errors import IntegrityError, JobFailedError, JobNotFoundError, StorageError
 from cloudexec.settings import JobSettings
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ T = TypeVar("T")
 log = logging.getLogger("cloudexec")
 
 CANCEL_REASON = "Terminated by cloudexec (future.cancel())"
+#: The runner's exit code when a stored call or input fails verification
+#: (kept equal to ``cloudexec.runner.EXIT_INTEGRITY``; the runner must not import this module).
+EXIT_INTEGRITY = 3
 # How long a non-terminal property value may be served from the cache before
 # a property read asks the provider again.
 _FRESH_S = 1.0
@@ -388,11 +391,13 @@ class _Core:
         store: Store,
         max_workers: int,
         poll_interval_s: tuple[float, float],
+        keys: _keys.KeyRing,
     ) -> None:
         from cloudexec._poller import Manager
 
         self.provider = provider
         self.store = store
+        self.keys = keys
         self.max_workers = max_workers
         self.shutdown_lock = threading.Lock()
         self.shutdown = False
@@ -459,12 +464,18 @@ class BatchExecutor(Executor):
         max_workers: jobs in flight at once (an array job counts once);
             default: the provider's.
         poll_interval_s: (first, longest) pause between status polls.
+        key: the master key that signs calls and verifies results (one key,
+            or a list newest first while rotating); default: the
+            ``CLOUDEXEC_KEY`` environment variable, else the key file
+            ``~/.config/cloudexec/key`` (created, mode 0600, if missing).
+            See docs/security.md.
         **settings: default job settings (see `cloudexec.settings`).
 
     Raises:
-        ValueError: ``max_workers <= 0`` or a bad setting value.
+        ValueError: ``max_workers <= 0``, a bad setting value or a short key.
         TypeError: an unknown setting.
         StorageError: ``io_url`` cannot be written.
+        PermissionError: the key file is readable by others.
     """
 
     #: Future classes a provider's executor may specialise (extra properties).
@@ -479,6 +490,7 @@ class BatchExecutor(Executor):
         storage_options: dict[str, Any] | None = None,
         max_workers: int | None = None,
         poll_interval_s: tuple[float, float] | None = None,
+        key: str | bytes | list[str | bytes] | None = None,
         **settings: Any,
     ) -> None:
         if max_workers is None:
@@ -490,7 +502,8 @@ class BatchExecutor(Executor):
         self._settings = self._validate(provider, settings)
         store = open_store(io_url, storage_options)
         _probe_storage(store)
-        self._core = _Core(provider, store, max_workers, poll_interval_s or provider.poll_interval_s)
+        keys = _keys.load_keys(key)
+        self._core = _Core(provider, store, max_workers, poll_interval_s or provider.poll_interval_s, keys)
         self._provider = provider
 
     @staticmethod
@@ -541,10 +554,13 @@ class BatchExecutor(Executor):
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {fn!r} ({type(fn).__name__})")
-        call = _payload.pack("call", (fn, args, kwargs), ship=True)
         name = self._settings.job_name or _default_name(fn)
+        job_id = new_job_id(name)
+        call = _keys.seal(
+            self._core.keys.job_key(job_id), "call", job_id, None, _payload.pack("call", (fn, args, kwargs), ship=True)
+        )
         record = _JobRecord(
-            job_id=new_job_id(name),
+            job_id=job_id,
             store=self._core.store,
             name=name,
             settings=self._settings,
@@ -582,11 +598,20 @@ class BatchExecutor(Executor):
         items = list(zip(*iterables))
         chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
         pickled = [_payload.dumps_chunk(c) for c in chunks]
-        call = _payload.pack("call", (fn, None, None), ship=True, ship_with=pickled, array=True, chunksize=chunksize)
-        inputs = _payload.pack_inputs(pickled)
         name = self._settings.job_name or _default_name(fn)
+        job_id = new_job_id(name)
+        job_key = self._core.keys.job_key(job_id)
+        call = _keys.seal(
+            job_key,
+            "call",
+            job_id,
+            None,
+            _payload.pack("call", (fn, None, None), ship=True, ship_with=pickled, array=True, chunksize=chunksize),
+        )
+        # Each child's slice is sealed on its own: a child reads only its slice.
+        inputs = _payload.pack_inputs([_keys.seal(job_key, "input", job_id, i, c) for i, c in enumerate(pickled)])
         record = _JobRecord(
-            job_id=new_job_id(name),
+            job_id=job_id,
             store=self._core.store,
             name=name,
             settings=self._settings,
@@ -661,18 +686,24 @@ class BatchExecutor(Executor):
                 ``[index]`` for an array child) or the provider's job id.
 
         Raises:
+            ValueError: ``job_id`` is not a job id (path separators, ``..``,
+                a URL scheme...).
             JobNotFoundError: neither storage nor the provider knows the id.
+            IntegrityError: the stored manifest is not signed with this
+                executor's key (not a cloudexec job, or tampered with).
         """
         core = self._core
+        if not isinstance(job_id, str):
+            raise TypeError(f"job_id must be a str; got {job_id!r}")
         match = re.fullmatch(r"(.+)\[(\d+)\]", job_id)
         index = int(match.group(2)) if match else None
-        base_id = match.group(1) if match else job_id
-        manifest = _read_manifest(core.store, base_id)
+        base_id = _payload.check_job_id(match.group(1) if match else job_id)
+        manifest = _read_manifest(core, base_id)
         if manifest is None:
             url = core.provider.find_job_url(base_id)
             if url is not None:
                 found = url.rstrip("/").rsplit("/", 1)[-1]
-                manifest = _read_manifest(core.store, found)
+                manifest = _read_manifest(core, _payload.check_job_id(found, what="the provider's job folder"))
         if manifest is None:
             raise JobNotFoundError(
                 f"no job {job_id!r} under {core.store.url}: no manifest job.json there and the "
@@ -740,16 +771,62 @@ def _map_results(array: ArrayFuture[Any], end_time: float | None) -> Iterator[An
             array.cancel()
 
 
-def _read_manifest(store: Store, job_id: str) -> dict[str, Any] | None:
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", job_id):
-        return None
+# Fields of a manifest that attach relies on, and the types they must have.
+_MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
+    "job_id": (str,),
+    "kind": (str,),
+    "size": (int, type(None)),
+    "chunksize": (int,),
+    "n_items": (int,),
+    "name": (str,),
+    "function": (str,),
+    "provider_ref": (str, type(None)),
+}
+
+
+def _read_manifest(core: _Core, job_id: str) -> dict[str, Any] | None:
+    """The manifest of ``job_id``, checked as data: ``None`` if there is none.
+
+    Raises:
+        JobNotFoundError: the folder holds something that is not a cloudexec manifest.
+        IntegrityError: the manifest is not signed with this executor's key.
+    """
+    where = f"{core.store.url.rstrip('/')}/{job_id}/{_payload.MANIFEST}"
     try:
-        data: dict[str, Any] = json.loads(store.read(f"{job_id}/{_payload.MANIFEST}"))
-        return data
+        raw = core.store.read(f"{job_id}/{_payload.MANIFEST}")
     except FileNotFoundError:
         return None
-    except Exception:  # noqa: BLE001 - a corrupt or foreign object is "not a job"
-        return None
+
+    def foreign(why: str) -> JobNotFoundError:
+        return JobNotFoundError(
+            f"{where} is not a cloudexec job manifest ({why}); {job_id!r} is not a cloudexec job. "
+            "Check the id, and that this executor uses the io storage the job was submitted with."
+        )
+
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise foreign("not JSON") from None
+    if not isinstance(data, dict):
+        raise foreign("not a JSON object")
+    for field, types in _MANIFEST_FIELDS.items():
+        if not isinstance(data.get(field), types) or isinstance(data.get(field), bool):
+            raise foreign(f"field {field!r} is missing or not {' or '.join(t.__name__ for t in types)}")
+    if data["job_id"] != job_id:
+        raise IntegrityError(
+            f"refused the manifest {where}: it names job {data['job_id']!r}, not {job_id!r} (copied from "
+            "another job)",
+            job_id=job_id,
+            what=_payload.MANIFEST,
+        )
+    _keys.verify_manifest(core.keys.job_keys(job_id), job_id, data)
+    size = data["size"]
+    if data["kind"] not in ("single", "array") or (data["kind"] == "array") != (size is not None):
+        raise foreign(f"kind {data['kind']!r} with size {size!r}")
+    if size is not None and not 0 <= size <= 10_000_000 or data["chunksize"] < 1:
+        raise foreign(f"size {size!r} or chunksize {data['chunksize']!r} out of range")
+    manifest: dict[str, Any] = data
+    return manifest
 
 
 def _probe_storage(store: Store) -> None:
@@ -775,11 +852,18 @@ def job_failed(record: _JobRecord, index: int | None, info: JobInfo | None, prov
             status_reason="the provider no longer knows this job and it wrote no result",
             exit_code=None,
         )
+    hint = provider.failure_hint(info)
+    if info.exit_code == EXIT_INTEGRITY:
+        hint = (
+            f"The runner refused the job's stored call or input: it failed signature verification "
+            f"(exit code {EXIT_INTEGRITY}; its log says which object). Someone else wrote to the job storage, "
+            "or the job did not get its key. " + (hint or "")
+        ).strip()
     return JobFailedError(
         job_id,
         status=str(info.status) if info.status else None,
         status_reason=info.status_reason,
         exit_code=info.exit_code,
-        hint=provider.failure_hint(info),
+        hint=hint,
     )
 

@@ -50,6 +50,7 @@ __all__ = [
     "job_key",
     "seal",
     "open_sealed",
+    "unverified_payload",
     "job_environment",
     "job_keys_from_env",
     "sign_manifest",
@@ -71,6 +72,11 @@ _INFO = b"cloudexec job key v1\x00"
 _SALT = b"cloudexec"
 
 KeyLike = Union[str, bytes]
+
+_KEY_FILE_HEADER = (
+    "# cloudexec master key: signs jobs and verifies their results. Keep it private (chmod 600).\n"
+    "# To rotate, put the new key on the first line and keep the old one below it.\n"
+)
 
 
 # -- master keys ---------------------------------------------------------------
@@ -135,7 +141,8 @@ def load_keys(key: KeyLike | Sequence[KeyLike] | KeyRing | None = None) -> KeyRi
 
     Sources, in order: ``key`` (one key, or a list newest first); the
     ``CLOUDEXEC_KEY`` environment variable (comma-separated, newest first);
-    the key file `key_file_path` (one key per line, newest first), which is
+    the key file `key_file_path` (one key per line, newest first, ``#``
+    comment lines allowed), which is
     created with a fresh random key and mode 0600 when missing.
 
     Raises:
@@ -153,7 +160,11 @@ def load_keys(key: KeyLike | Sequence[KeyLike] | KeyRing | None = None) -> KeyRi
     if env and env.strip():
         return KeyRing([_as_bytes(k, KEY_ENV) for k in _split(env)], KEY_ENV)
     path = key_file_path()
-    return KeyRing([_as_bytes(k, path) for k in _split(_read_or_create_key_file(path))], path)
+    lines = [line.strip() for line in _read_or_create_key_file(path).splitlines()]
+    found = [line for line in lines if line and not line.startswith("#")]
+    if not found:
+        raise ValueError(f"the cloudexec key file {path} holds no key (only comments or blank lines)")
+    return KeyRing([_as_bytes(k, path) for k in found], path)
 
 
 def _read_or_create_key_file(path: str) -> str:
@@ -174,7 +185,7 @@ def _read_or_create_key_file(path: str) -> str:
 def _create_key_file(path: str) -> str:
     """Create the key file with a fresh key, atomically: a racing process reads the same key."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    text = secrets.token_urlsafe(32) + "\n"
+    text = _KEY_FILE_HEADER + secrets.token_urlsafe(32) + "\n"
     tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -317,6 +328,14 @@ def open_sealed(
         "its signature does not match (tampered with, truncated, or signed with a key this process does not "
         f"have; to read jobs signed with an older key, give it after the new one in key= or {KEY_ENV})"
     )
+
+
+def unverified_payload(data: bytes) -> bytes:
+    """The payload of a sealed object WITHOUT verifying it: for status hints only, never to unpickle."""
+    if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 2:
+        raise IntegrityError("not a sealed cloudexec object")
+    length = int.from_bytes(data[len(_MAGIC) : len(_MAGIC) + 2], "big")
+    return data[len(_MAGIC) + 2 + length + _TAG :]
 
 
 # -- manifests -------------------------------------------------------------------

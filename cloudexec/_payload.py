@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from cloudexec._version import __version__
-from cloudexec.errors import PayloadError, RemoteError, RemoteTraceback, VersionMismatchError
+from cloudexec.errors import IntegrityError, PayloadError, RemoteError, RemoteTraceback, VersionMismatchError
 
 __all__ = [
     "pack",
@@ -194,7 +194,16 @@ def unpack(data: bytes, *, where: str = "client") -> tuple[dict[str, Any], Any]:
     """
     header, offset = read_header(data)
     check_python(header, where=where)
-    install_shipped_modules(header.get("modules") or {})
+    modules = header.get("modules")
+    if modules:
+        # Module source is code: only a call (verified by the runner before
+        # this point) may carry it. A result never legitimately does.
+        if where != "runner" or header.get("kind") != "call":
+            raise IntegrityError(
+                f"refused a {header.get('kind', 'payload')} carrying module source (a 'modules' header): only "
+                "calls ship modules; this object was written to run code in the reader. It was not unpickled."
+            )
+        install_shipped_modules(modules)
     try:
         obj = _dill().loads(data[offset:])
     except Exception as exc:
@@ -203,6 +212,30 @@ def unpack(data: bytes, *, where: str = "client") -> tuple[dict[str, Any], Any]:
             f"{header.get('cloudexec')}, dill {header.get('dill')}): {type(exc).__name__}: {exc}"
         ) from exc
     return header, obj
+
+
+def seal_result(key: bytes, job_id: str, index: int | None, outcomes: list[Outcome]) -> bytes:
+    """A job's outcomes as a signed result object (see `cloudexec._keys`)."""
+    from cloudexec import _keys
+
+    return _keys.seal(key, "result", job_id, index, pack_outcomes(outcomes))
+
+
+def open_result(keys: Sequence[bytes], job_id: str, index: int | None, data: bytes) -> list[Outcome]:
+    """Verify, then unpickle, a result object; returns its outcomes.
+
+    Raises:
+        IntegrityError: the object is unsigned, tampered with, copied from
+            another job or child, or carries module source.
+        VersionMismatchError, PayloadError: as `unpack`.
+    """
+    from cloudexec import _keys
+
+    body = _keys.open_sealed(keys, "result", job_id, index, data, what=result_key(index))
+    header, outcomes = unpack(body, where="client")
+    if header.get("kind") != "result" or not isinstance(outcomes, list):
+        raise PayloadError(f"the result of job {job_id} is not a list of outcomes (kind {header.get('kind')!r})")
+    return outcomes
 
 
 # -- array inputs ------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError
 from typing import TYPE_CHECKING, Any
 
-from cloudexec import _payload
+from cloudexec import _keys, _payload
 from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
 from cloudexec._provider import JobInfo, JobSpec, Phase
 from cloudexec._storage import Store
@@ -205,6 +205,9 @@ class Manager:
                 settings=record.settings,
                 array_size=record.size,
                 command=provider.command_for(store.url, array=record.is_array),
+                # The job's own derived key, never the master key; it reaches the
+                # job only through the provider's environment channel.
+                environment=_keys.job_environment(self.core.keys, record.job_id),
             )
             try:
                 record.ref = provider.submit(spec)
@@ -223,7 +226,10 @@ class Manager:
                 pass
             raise
         record.call = record.inputs = None  # free the client's memory
-        store.write(_payload.MANIFEST, json.dumps(record.manifest(provider.name), indent=1).encode())
+        manifest = _keys.sign_manifest(
+            self.core.keys.job_key(record.job_id), record.job_id, record.manifest(provider.name)
+        )
+        store.write(_payload.MANIFEST, json.dumps(manifest, indent=1).encode())
         if record.future is not None and record.future.cancelled():
             # cancel() ran while we were submitting: it could not reach the job then.
             try:
@@ -308,21 +314,21 @@ class Manager:
             return True
         return False
 
-    def _read_outcomes(self, store: Store, key: str) -> list[Any] | BaseException | None:
+    def _read_outcomes(self, record: _JobRecord, index: int | None) -> list[Any] | BaseException | None:
+        """A stored result, verified before it is unpickled (or the error refusing it)."""
         try:
-            data = store.read(key)
+            data = self.job_store(record).read(_payload.result_key(index))
         except FileNotFoundError:
             return None
         try:
-            _, outcomes = _payload.unpack(data, where="client")
-            return list(outcomes)
+            return _payload.open_result(self.core.keys.job_keys(record.job_id), record.job_id, index, data)
         except CloudExecError as exc:
             return exc
 
     def _finish_single(self, record: _JobRecord, info: JobInfo | None) -> None:
         future = record.future
         assert future is not None
-        outcomes = self._read_outcomes(self.job_store(record), _payload.RESULT)
+        outcomes = self._read_outcomes(record, None)
         if isinstance(outcomes, BaseException):
             future._finish(exception=outcomes)
         elif outcomes:
@@ -361,7 +367,7 @@ class Manager:
                 continue
             if index in record.deferred and not (final or accept_errors):
                 continue  # a failed child's result: re-read only once the array ended
-            outcomes = self._read_outcomes(store, f"{_payload.RESULTS_DIR}/{name}")
+            outcomes = self._read_outcomes(record, index)
             if outcomes is None:
                 continue
             if isinstance(outcomes, list) and not (final or accept_errors) and any(o[0] != "ok" for o in outcomes):

@@ -3,7 +3,14 @@
 It reads the job's call from storage, runs it, writes the result (or the
 exception with its traceback) atomically, and exits 0 on success, 1 when the
 call raised, 2 when the call could not even be loaded (version mismatch,
-corrupt payload, unreachable storage).
+corrupt payload, unreachable storage), 3 when the stored call or input failed
+signature verification.
+
+Storage is untrusted: the call and each input slice are verified with the
+job's own key (``CLOUDEXEC_JOB_KEY``, which only the provider's environment
+channel delivers) *before* anything is unpickled, and the result is signed
+with it (see `cloudexec._keys`). Shipped module source is installed only from
+a verified call.
 
 An array child finds its index, in this order, from ``--index``,
 ``AWS_BATCH_JOB_ARRAY_INDEX`` (AWS Batch, plus ``CLOUDEXEC_ARRAY_OFFSET`` for
@@ -27,10 +34,12 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
-from cloudexec import _payload
+from cloudexec import _keys, _payload
 from cloudexec._storage import Store, open_store
+from cloudexec.errors import IntegrityError
 
 __all__ = ["main", "run_job"]
 
@@ -40,6 +49,7 @@ AZURE_FIRST_CHILD_TASK_ID = 10000001
 EXIT_OK = 0
 EXIT_CALL_FAILED = 1
 EXIT_INFRA = 2
+EXIT_INTEGRITY = 3  # cloudexec._base.EXIT_INTEGRITY reads the same number
 
 
 def _storage_options() -> dict[str, Any] | None:
@@ -66,19 +76,30 @@ def array_index_from_env() -> int | None:
     return None
 
 
-class _Loaded:
-    """A job's call, loaded once (the fork server reuses it for every child)."""
+def job_id_of(job_url: str) -> str:
+    """The job id: the last segment of the job's storage URL, checked strictly."""
+    return _payload.check_job_id(job_url.rstrip("/").rsplit("/", 1)[-1], what="the job folder")
 
-    def __init__(self, store: Store, array: bool) -> None:
+
+class _Loaded:
+    """A job's call, verified and loaded once (the fork server reuses it for every child)."""
+
+    def __init__(self, store: Store, array: bool, job_id: str, key: bytes) -> None:
         self.store = store
         self.array = array
-        _, obj = _payload.unpack(store.read(_payload.CALL), where="runner")
+        self.job_id = job_id
+        self.key = key
+        call = _keys.open_sealed(key, "call", job_id, None, store.read(_payload.CALL), what=_payload.CALL)
+        header, obj = _payload.unpack(call, where="runner")
+        if header.get("kind") != "call":
+            raise _payload.PayloadError(f"{_payload.CALL} of job {job_id} holds a {header.get('kind')!r}, not a call")
         self.fn, self.args, self.kwargs = obj
 
     def run(self, index: int | None) -> list[Any]:
         if index is None:
             return [_payload.capture(self.fn, self.args, self.kwargs)]
-        raw = _payload.read_input_slice(lambda s, e: self.store.read(_payload.INPUTS, s, e), index)
+        sealed = _payload.read_input_slice(lambda s, e: self.store.read(_payload.INPUTS, s, e), index)
+        raw = _keys.open_sealed(self.key, "input", self.job_id, index, sealed, what=_payload.INPUTS)
         items = _payload._dill().loads(raw)
         return [_payload.capture(self.fn, item, {}) for item in items]
 
@@ -88,8 +109,17 @@ def _infra_outcome(exc: BaseException) -> list[Any]:
     return [("err", exc, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb)]
 
 
-def _write_result(store: Store, index: int | None, outcomes: list[Any]) -> None:
-    store.write(_payload.result_key(index), _payload.pack_outcomes(outcomes))
+def _infra_code(exc: BaseException) -> int:
+    return EXIT_INTEGRITY if isinstance(exc, IntegrityError) else EXIT_INFRA
+
+
+def _write_result(store: Store, job_id: str, key: bytes, index: int | None, outcomes: list[Any]) -> None:
+    store.write(_payload.result_key(index), _payload.seal_result(key, job_id, index, outcomes))
+
+
+def _job_key(environ: Mapping[str, str] | None = None) -> bytes:
+    """This job's key from the environment (raises IntegrityError if absent)."""
+    return _keys.job_keys_from_env(environ)[""]
 
 
 def _report(outcomes: list[Any]) -> int:
@@ -101,8 +131,25 @@ def _report(outcomes: list[Any]) -> int:
     return EXIT_CALL_FAILED if failed else EXIT_OK
 
 
-def run_job(job_url: str, *, index: int | None = None, loaded: _Loaded | None = None) -> int:
-    """Run one job (or array child) and write its result; return the exit code."""
+def run_job(
+    job_url: str,
+    *,
+    index: int | None = None,
+    loaded: _Loaded | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """Run one job (or array child) and write its signed result; return the exit code.
+
+    ``environ`` stands for the job's environment (default ``os.environ``):
+    where its key comes from.
+    """
+    try:
+        job_id = loaded.job_id if loaded else job_id_of(job_url)
+        key = loaded.key if loaded else _job_key(environ)
+    except (ValueError, IntegrityError) as exc:
+        # Without a valid id and key no result can be signed: the log says why.
+        sys.stderr.write(f"cloudexec: refusing to run {job_url}: {exc}\n")
+        return EXIT_INTEGRITY
     try:
         store = loaded.store if loaded else open_store(job_url, _storage_options())
     except BaseException as exc:  # noqa: BLE001 - nowhere to write a result to
@@ -111,14 +158,16 @@ def run_job(job_url: str, *, index: int | None = None, loaded: _Loaded | None = 
     code = EXIT_OK
     try:
         if loaded is None:
-            loaded = _Loaded(store, array=index is not None)
+            loaded = _Loaded(store, index is not None, job_id, key)
         outcomes = loaded.run(index)
     except BaseException as exc:  # noqa: BLE001 - report why the call could not run
         outcomes = _infra_outcome(exc)
-        code = EXIT_INFRA
+        code = _infra_code(exc)
+        if code == EXIT_INTEGRITY:
+            sys.stderr.write(f"cloudexec: {exc}\n")
     sys.stdout.flush()
     try:
-        _write_result(store, index, outcomes)
+        _write_result(store, job_id, key, index, outcomes)
     except BaseException as exc:  # noqa: BLE001
         sys.stderr.write(f"cloudexec: cannot write the result to {job_url}: {type(exc).__name__}: {exc}\n")
         return EXIT_INFRA
@@ -135,12 +184,23 @@ def _serve(job_url: str, control_fd: int) -> int:
     and subprocesses too) go to its own files. EOF on stdin ends the worker.
     """
     control = os.fdopen(control_fd, "w", buffering=1)
+    try:
+        job_id, key = job_id_of(job_url), _job_key()
+    except (ValueError, IntegrityError) as exc:
+        sys.stderr.write(f"cloudexec: refusing to run {job_url}: {exc}\n")
+        for line in sys.stdin:  # every child ends at once: nothing can be signed
+            parts = line.split(" ", 2)
+            if parts[0] == "run" and len(parts) == 3:
+                control.write(f"start {parts[1]}\nexit {parts[1]} {EXIT_INTEGRITY}\n")
+        return EXIT_INTEGRITY
     store = open_store(job_url, _storage_options())
     try:
-        loaded: _Loaded | None = _Loaded(store, array=True)
+        loaded: _Loaded | None = _Loaded(store, True, job_id, key)
         load_error: BaseException | None = None
     except BaseException as exc:  # noqa: BLE001 - every child reports it
         loaded, load_error = None, exc
+        if isinstance(exc, IntegrityError):
+            sys.stderr.write(f"cloudexec: {exc}\n")
     saved_out, saved_err = os.dup(1), os.dup(2)
     for line in sys.stdin:
         parts = line.rstrip("\n").split(" ", 3)
@@ -152,9 +212,9 @@ def _serve(job_url: str, control_fd: int) -> int:
         try:
             if load_error is not None:
                 outcomes = _infra_outcome(load_error)
-                _write_result(store, index, outcomes)
+                _write_result(store, job_id, key, index, outcomes)
                 _report(outcomes)
-                code = EXIT_INFRA
+                code = _infra_code(load_error)
             else:
                 code = run_job(job_url, index=index, loaded=loaded)
         except BaseException:  # noqa: BLE001 - keep serving the other children

@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 import jobs
-from cloudexec import LocalBatchExecutor, LocalJobStatus
+from cloudexec import LocalBatchExecutor, LocalJobStatus, _keys
 from cloudexec.errors import JobFailedError, StorageError
 from contract import ExecutorContract, executor_factory, run_script, wait_until
 from provider_contract import ProviderContract
+
+KEY = _keys.job_key(b"a test master key, 32 bytes long", "job")
 
 
 @pytest.fixture
@@ -182,14 +184,17 @@ def test_runner_exit_codes_and_array_index_from_environment(make_executor: Any, 
         arr.result(timeout=45)
     url = os.path.join(io_root, arr.job_id)
     os.remove(os.path.join(url, "results", "0.pkl"))
-    env = dict(os.environ, AWS_BATCH_JOB_ARRAY_INDEX="0")
+    keyed = dict(os.environ, CLOUDEXEC_JOB_KEY=ex._core.keys.job_key(arr.job_id).hex())
+    env = dict(keyed, AWS_BATCH_JOB_ARRAY_INDEX="0")
     ok = subprocess.run([sys.executable, "-m", "cloudexec.runner", url, "--array"], env=env, capture_output=True)
     assert ok.returncode == 0 and os.path.exists(os.path.join(url, "results", "0.pkl"))
-    env = dict(os.environ, CLOUDEXEC_ARRAY_INDEX="1")
+    env = dict(keyed, CLOUDEXEC_ARRAY_INDEX="1")
     bad = subprocess.run([sys.executable, "-m", "cloudexec.runner", url, "--array"], env=env, capture_output=True)
     assert bad.returncode == 1 and b"item 3 is bad" in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "cloudexec.runner", url + "-nope"], capture_output=True)
+    missing = subprocess.run([sys.executable, "-m", "cloudexec.runner", url + "-nope"], env=keyed, capture_output=True)
     assert missing.returncode == 2
+    keyless = subprocess.run([sys.executable, "-m", "cloudexec.runner", url, "--index", "1"], capture_output=True)
+    assert keyless.returncode == 3 and b"CLOUDEXEC_JOB_KEY is missing" in keyless.stderr
 
 
 @pytest.mark.timeout(120)
@@ -211,11 +216,12 @@ def test_runner_refuses_a_call_from_another_python_with_both_versions(tmp_path: 
 
     store = LocalStore(str(tmp_path / "job"))
     body = _payload._dill().dumps((jobs.double, (1,), {}))
-    store.write(_payload.CALL, _payload.pack_raw("call", body, python="3.99.0"))
-    proc = subprocess.run([sys.executable, "-m", "cloudexec.runner", store.url], capture_output=True, text=True)
+    store.write(_payload.CALL, _keys.seal(KEY, "call", "job", None, _payload.pack_raw("call", body, python="3.99.0")))
+    env = dict(os.environ, CLOUDEXEC_JOB_KEY=KEY.hex())
+    proc = subprocess.run([sys.executable, "-m", "cloudexec.runner", store.url], env=env, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Python 3.99.0" in proc.stderr
-    _, outcomes = _payload.unpack(store.read(_payload.RESULT))
+    outcomes = _payload.open_result([KEY], "job", None, store.read(_payload.RESULT))
     with pytest.raises(VersionMismatchError, match=r"Python 3\.99\.0.*runs Python 3\.\d+"):
         _payload.raise_or_return(outcomes)
 
@@ -226,16 +232,16 @@ def test_runner_on_local_storage_imports_no_cloud_or_fsspec_code(tmp_path: Any) 
     from cloudexec._storage import LocalStore
 
     store = LocalStore(str(tmp_path / "job"))
-    store.write(_payload.CALL, _payload.pack("call", (abs, (-3,), {})))
+    store.write(_payload.CALL, _keys.seal(KEY, "call", "job", None, _payload.pack("call", (abs, (-3,), {}))))
     out = run_script(
         f"""
         import sys
         from cloudexec import runner
-        assert runner.run_job({store.url!r}) == 0
+        assert runner.run_job({store.url!r}, environ={{"CLOUDEXEC_JOB_KEY": {KEY.hex()!r}}}) == 0
         print(sorted(m for m in ("fsspec", "boto3", "s3fs", "adlfs", "azure", "concurrent.futures.process")
                      if m in sys.modules))
         """
     )
     assert out.strip() == "[]"
-    _, outcomes = _payload.unpack(store.read(_payload.RESULT))
+    outcomes = _payload.open_result([KEY], "job", None, store.read(_payload.RESULT))
     assert _payload.raise_or_return(outcomes) == 3

@@ -160,7 +160,7 @@ def test_client_only_modules_are_shipped_and_served(tmp_path: Any, monkeypatch: 
     # Forget the module as if this were another machine, then unpack.
     monkeypatch.delitem(__import__("sys").modules, "shipme_unit")
     monkeypatch.setattr(__import__("sys"), "path", [p for p in __import__("sys").path if p != str(tmp_path)])
-    _, (fn, args, _) = _payload.unpack(data)
+    _, (fn, args, _) = _payload.unpack(data, where="runner")
     assert fn(*args) == 21
 
 

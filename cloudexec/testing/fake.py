@@ -279,7 +279,8 @@ class FakeBatchService:
                 else:
                     from cloudexec import runner
 
-                    codes.append(runner.run_job(spec.job_url, index=task.index))
+                    # The job's environment (its key) is the spec's: no process env here.
+                    codes.append(runner.run_job(spec.job_url, index=task.index, environ=spec.environment))
             finally:
                 _ROUTES.pop(threading.get_ident(), None)
 

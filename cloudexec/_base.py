@@ -365,6 +365,14 @@ class ArrayFuture(BatchFuture[list[T]]):
         return cancelled
 
 
+_NOT_PICKLABLE = (
+    "a cloudexec executor (or its state, which a BatchFuture refers to) cannot be pickled: it holds the "
+    "provider's clients and credentials, the environment and the signing key, none of which may reach a job "
+    "or the storage. Do not capture the executor in a function you submit (a closure, a bound method, a "
+    "global); pass plain values instead."
+)
+
+
 def _default_name(fn: Callable[..., Any]) -> str:
     target = getattr(fn, "func", fn)  # functools.partial
     return str(getattr(target, "__name__", None) or type(target).__name__)
@@ -403,6 +411,9 @@ class _Core:
         self.shutdown = False
         self.manager: Manager = Manager(self, poll_interval_s)
         self.attached: dict[str, BatchFuture[Any]] = {}
+
+    def __reduce__(self) -> Any:
+        raise TypeError(_NOT_PICKLABLE)
 
     # Provider calls made on behalf of futures; they never raise.
     def describe_one(self, record: _JobRecord, index: int | None) -> JobInfo | None:
@@ -750,6 +761,9 @@ class BatchExecutor(Executor):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} provider={self._core.provider.name} io_url={self.io_url!r}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(_NOT_PICKLABLE)
 
 
 def _map_results(array: ArrayFuture[Any], end_time: float | None) -> Iterator[Any]:

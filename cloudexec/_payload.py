@@ -388,8 +388,43 @@ def _pickled_module_names(body: bytes) -> set[str]:
     return names
 
 
+def _imports_at_load(source: str, name: str, is_pkg: bool) -> set[str]:
+    """Modules that running ``source`` (module ``name``) imports at load time.
+
+    Function bodies are skipped: their imports run only when called, and are
+    found through the pickle if the call needs them.
+    """
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    package = name if is_pkg else name.rpartition(".")[0]
+    found: set[str] = set()
+    stack: list[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                anchor = ".".join(parts[: len(parts) - node.level + 1]) if node.level <= len(parts) else ""
+                base = f"{anchor}.{base}".strip(".") if base else anchor
+            if base:
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
 def collect_local_modules(bodies: Iterable[bytes]) -> dict[str, dict[str, Any]]:
-    """Source of every user module the pickles refer to, and of the modules those use.
+    """Source of the user modules a call needs: those its pickles refer to, and what they import.
 
     dill pickles functions and classes of importable modules by reference, so
     a job would fail with ModuleNotFoundError when the module exists only on
@@ -398,6 +433,10 @@ def collect_local_modules(bodies: Iterable[bytes]) -> dict[str, dict[str, Any]]:
     that comes *after* the installed modules, so an installed copy wins.
     Reading the module names out of the pickle itself also finds functions
     wrapped by other libraries (scipy's ``workers=ex.map`` wraps the objective).
+
+    Only modules needed to load those are added (their parent packages and
+    the modules their top-level code imports), never every module reachable
+    from their globals: a ``config.py`` the call does not import stays home.
     """
     pending: list[str] = []
     for body in bodies:
@@ -422,10 +461,7 @@ def collect_local_modules(bodies: Iterable[bytes]) -> dict[str, dict[str, Any]]:
         shipped[name] = {"source": source, "package": is_pkg, "file": module.__file__}
         if "." in name:
             pending.append(name.rsplit(".", 1)[0])
-        for value in list(vars(module).values()):
-            ref = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
-            if isinstance(ref, str) and ref not in seen:
-                pending.append(ref)
+        pending.extend(m for m in _imports_at_load(source, name, is_pkg) if m not in seen)
     return shipped
 
 

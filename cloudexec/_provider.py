@@ -226,3 +226,12 @@ class Provider(ABC):
 
     def close(self) -> None:
         """Release clients, threads and processes. Called once, at shutdown."""
+
+    def __reduce__(self) -> Any:
+        # A provider holds SDK clients and credentials (Azure's named-key
+        # credential carries the account key): it must never reach a payload.
+        raise TypeError(
+            f"the {self.name} provider holds service clients and credentials and cannot be pickled: a call "
+            "that refers to an executor, its provider or a future would carry them into storage. Pass plain "
+            "values (the data a job needs) instead."
+        )

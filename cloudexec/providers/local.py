@@ -158,6 +158,11 @@ class _LocalJob:
         return JobInfo(status=status, status_reason=reason, provider_job_id=self.job_id, status_counts=counts)
 
 
+def _process_env(extra: dict[str, str]) -> dict[str, str]:
+    """A job process's environment: the client's, as it is now, plus the job's own variables."""
+    return {**os.environ, **extra}
+
+
 def _rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm", "rb") as fh:
@@ -373,7 +378,7 @@ class _Scheduler:
                 stdout=out,
                 stderr=err,
                 cwd=job.work_dir,
-                env=job.env,
+                env=_process_env(job.env),
                 start_new_session=True,  # own process group: a kill reaches its subprocesses
             )
         self._begin(task, proc.pid)
@@ -393,7 +398,7 @@ class _Scheduler:
                     stdout=worker_log,
                     stderr=worker_log,
                     cwd=job.work_dir,
-                    env=job.env,
+                    env=_process_env(job.env),
                     pass_fds=(write_fd,),
                     start_new_session=True,
                 )
@@ -558,7 +563,9 @@ class LocalProvider(Provider):
     def __init__(self, *, state_dir: str, max_vcpus: int, env: dict[str, str] | None = None) -> None:
         self.state_dir = state_dir
         self.max_vcpus = max_vcpus
-        self.env = dict(os.environ if env is None else env)
+        # Only the variables cloudexec adds: a job process inherits the client's
+        # environment when it starts (`_process_env`), so no copy of it is kept.
+        self.env = dict(env or {})
         self._scheduler: _Scheduler | None = None
         self._lock = threading.Lock()
 
@@ -760,7 +767,7 @@ class LocalBatchExecutor(BatchExecutor):
         else:
             open_store(io_root, storage_options)  # fail early on a bad URL
             state_dir = local_path(make_temp_root())
-        env = dict(os.environ)
+        env = {}
         if storage_options:
             env["CLOUDEXEC_STORAGE_OPTIONS"] = json.dumps(storage_options)
         provider = LocalProvider(state_dir=state_dir, max_vcpus=max_vcpus, env=env)

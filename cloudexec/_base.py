@@ -57,6 +57,10 @@ EXIT_INTEGRITY = 3
 _FRESH_S = 1.0
 
 
+#: Lines of each log stream a `JobFailedError` quotes.
+_LOG_TAIL_LINES = 10
+
+
 class _JobRecord:
     """One provider job the executor tracks (a single job or a whole array)."""
 
@@ -857,7 +861,7 @@ def _probe_storage(store: Store) -> None:
 
 
 def job_failed(record: _JobRecord, index: int | None, info: JobInfo | None, provider: Provider) -> JobFailedError:
-    """The error for a job that ended without writing a result."""
+    """The error for a job that ended without writing a result, with the last lines of its log."""
     job_id = record.job_id if index is None else f"{record.job_id}[{index}]"
     if info is None:
         return JobFailedError(
@@ -879,5 +883,21 @@ def job_failed(record: _JobRecord, index: int | None, info: JobInfo | None, prov
         status_reason=info.status_reason,
         exit_code=info.exit_code,
         hint=hint,
+        log_tail=_log_tail(record, index, provider),
     )
 
+
+def _log_tail(record: _JobRecord, index: int | None, provider: Provider, lines: int = _LOG_TAIL_LINES) -> str | None:
+    """The last ``lines`` lines of each of a job's log streams, indented; ``None`` if there are none."""
+    if record.ref is None:
+        return None
+    tails: list[str] = []
+    for stream in ("stdout", "stderr"):
+        try:
+            text = provider.read_log(record.ref, index=index, stream=stream)
+        except Exception as exc:  # noqa: BLE001 - the error is worth more than its log
+            log.warning("cloudexec: could not read the %s of job %s: %s", stream, record.job_id, exc)
+            continue
+        if text and text.strip():
+            tails.extend(f"  {stream}: {line}" for line in text.rstrip("\n").splitlines()[-lines:])
+    return "\n".join(tails) or None

@@ -42,9 +42,9 @@ import json
 import os
 import re
 import sys
+import subprocess
 import tempfile
-import threading
-from typing import IO, Any
+from typing import Any
 
 __all__ = [
     "ENV_VAR",
@@ -114,24 +114,59 @@ def output_prefix(task_id: str) -> str:
 
 
 class _Tee:
-    """Duplicate everything written to file descriptor ``fd`` into a temporary file."""
+    """Duplicate everything written to file descriptor ``fd`` into a temporary file.
+
+    The copying is done by a helper process of its own session, not a thread:
+    when the task ends hard (``os._exit``, a signal) a thread dies with it and
+    the last lines still in the pipe — the ones that say why — would be lost,
+    from the node's file too. The helper drains the pipe to its end whatever
+    happens to the task.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.original = os.dup(fd)
-        self.copy: IO[bytes] = tempfile.TemporaryFile()
-        self.lock = threading.Lock()
+        handle, self.copy_path = tempfile.mkstemp(prefix=f"cloudexec-tee-{fd}-")
+        os.close(handle)
         read_end, write_end = os.pipe()
-        self.read_end = read_end
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "from cloudexec._conventions import _pump; _pump()",
+                 str(read_end), str(self.original), self.copy_path],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(read_end, self.original),
+                start_new_session=True,  # a kill of the task's process group must not lose the tail
+            )
+        finally:
+            os.close(read_end)
         os.dup2(write_end, fd)
         os.close(write_end)
-        self.thread = threading.Thread(target=self._pump, name=f"cloudexec-tee-{fd}", daemon=True)
-        self.thread.start()
 
-    def _pump(self) -> None:
+    def stop(self) -> bytes:
+        """Put the original descriptor back and return everything captured so far."""
+        # dup2 closes the pipe's write end held at ``fd``; the helper sees EOF
+        # once no subprocess of the task holds a copy of it.
+        os.dup2(self.original, self.fd)
+        os.close(self.original)
+        try:
+            self.proc.wait(_DRAIN_S)
+        except subprocess.TimeoutExpired:
+            pass  # a subprocess of the task still holds the pipe: keep what arrived
+        try:
+            with open(self.copy_path, "rb") as fh:
+                return fh.read()
+        finally:
+            if self.proc.poll() is not None:
+                os.unlink(self.copy_path)
+
+
+def _pump() -> None:
+    """Body of the tee helper process: ``<read fd> <node fd> <copy path>`` on its command line."""
+    read_end, original, copy_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    with open(copy_path, "ab", buffering=0) as copy:
         while True:
             try:
-                chunk = os.read(self.read_end, _CHUNK)
+                chunk = os.read(read_end, _CHUNK)
             except OSError:
                 return
             if not chunk:
@@ -139,33 +174,11 @@ class _Tee:
             view = memoryview(chunk)
             while view:
                 try:
-                    written = os.write(self.original, view)
+                    written = os.write(original, view)
                 except OSError:
                     break  # the node's file is gone; still keep our copy
                 view = view[written:]
-            with self.lock:
-                if self.copy.closed:
-                    return
-                self.copy.write(chunk)
-
-    def stop(self) -> bytes:
-        """Put the original descriptor back and return everything captured so far."""
-        # dup2 closes the pipe's write end held at ``fd``; the reader sees EOF
-        # once no subprocess holds a copy of it.
-        os.dup2(self.original, self.fd)
-        self.thread.join(_DRAIN_S)
-        drained = not self.thread.is_alive()
-        if drained:
-            # A reader still running (a subprocess holds the pipe) keeps both
-            # descriptors: closing them could hand their numbers to other files.
-            os.close(self.read_end)
-            os.close(self.original)
-        with self.lock:
-            self.copy.flush()
-            self.copy.seek(0)
-            data = self.copy.read()
-            self.copy.close()
-        return data
+            copy.write(chunk)
 
 
 class TaskOutputCapture:

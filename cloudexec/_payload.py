@@ -301,7 +301,8 @@ def pack_outcomes(outcomes: list[Outcome], **header: Any) -> bytes:
 
     An unpicklable exception travels as `RemoteError` (type name and message
     kept); an unpicklable return value becomes a `PayloadError` outcome, so a
-    result object is always written.
+    result object is always written. What was degraded is replaced in
+    ``outcomes`` too, so that the caller reports (and exits with) what was stored.
     """
     ok = all(o[0] == "ok" for o in outcomes)
     try:
@@ -310,7 +311,7 @@ def pack_outcomes(outcomes: list[Outcome], **header: Any) -> bytes:
         pass
     dill = _dill()
     safe: list[Outcome] = []
-    for outcome in outcomes:
+    for outcome in list(outcomes):
         try:
             dill.dumps(outcome, recurse=True)
             safe.append(outcome)
@@ -322,6 +323,7 @@ def pack_outcomes(outcomes: list[Outcome], **header: Any) -> bytes:
             else:
                 _, _, type_name, message, tb = outcome
                 safe.append(("err", RemoteError(type_name, message), type_name, message, tb))
+    outcomes[:] = safe
     return pack("result", safe, ok=ok, **header)
 
 

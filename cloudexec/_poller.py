@@ -22,7 +22,7 @@ from cloudexec import _keys, _payload
 from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
 from cloudexec._provider import JobInfo, JobSpec, Phase
 from cloudexec._storage import Store
-from cloudexec.errors import CloudExecError, SubmissionError
+from cloudexec.errors import CloudExecError, PayloadError, SubmissionError
 
 if TYPE_CHECKING:
     from cloudexec._base import _Core
@@ -36,6 +36,15 @@ _MISSING_POLLS = 5
 _MISSING_S = 30.0
 # Longest stretch the manager spends submitting before it polls again.
 _DISPATCH_SLICE_S = 1.0
+
+
+def _naming_the_job(exc: BaseException, job_id: str) -> BaseException:
+    """cloudexec's own payload errors name the job they belong to (user exceptions stay as raised)."""
+    if type(exc) is PayloadError and job_id not in str(exc):
+        named = PayloadError(f"job {job_id}: {exc}")
+        named.__cause__ = exc
+        return named
+    return exc
 
 
 def future_done(record: _JobRecord) -> bool:
@@ -330,13 +339,13 @@ class Manager:
         assert future is not None
         outcomes = self._read_outcomes(record, None)
         if isinstance(outcomes, BaseException):
-            future._finish(exception=outcomes)
+            future._finish(exception=_naming_the_job(outcomes, record.job_id))
         elif outcomes:
             future._outcomes = outcomes
             try:
                 value = _payload.raise_or_return(outcomes)
             except BaseException as exc:  # noqa: BLE001 - the user's exception, re-raised by result()
-                future._finish(exception=exc)
+                future._finish(exception=_naming_the_job(exc, record.job_id))
             else:
                 future._finish(result=value)
         else:
@@ -400,7 +409,7 @@ class Manager:
         record.children_done.add(index)
         child = record.children[index]
         if isinstance(outcomes, BaseException):
-            child._finish(exception=outcomes)
+            child._finish(exception=_naming_the_job(outcomes, child.job_id))
             return
         child._outcomes = outcomes
         try:
@@ -409,7 +418,7 @@ class Manager:
             else:
                 value = [_payload.outcome_value(o) for o in outcomes]
         except BaseException as exc:  # noqa: BLE001
-            child._finish(exception=exc)
+            child._finish(exception=_naming_the_job(exc, child.job_id))
         else:
             child._finish(result=value)
 

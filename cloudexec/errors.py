@@ -58,6 +58,7 @@ class JobFailedError(CloudExecError):
         status_reason: the provider's reason, e.g.
             ``"OutOfMemoryError: Container killed due to memory usage"``.
         exit_code: the container's exit code, if known.
+        log_tail: the last lines of the job's log, if it could be read.
     """
 
     def __init__(
@@ -68,8 +69,10 @@ class JobFailedError(CloudExecError):
         status_reason: str | None,
         exit_code: int | None,
         hint: str | None = None,
+        log_tail: str | None = None,
     ) -> None:
         self.job_id = job_id
+        self.log_tail = log_tail
         self.status = status
         self.status_reason = status_reason
         self.exit_code = exit_code
@@ -83,19 +86,28 @@ class JobFailedError(CloudExecError):
         if hint:
             message += " " + hint
         message += " Read its output with future.job_log and future.job_stderr_log."
+        if log_tail:
+            message += "\nLast lines of its log:\n" + log_tail
         super().__init__(message)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_job_failed,
-            (self.job_id, self.status, self.status_reason, self.exit_code, self.hint),
+            (self.job_id, self.status, self.status_reason, self.exit_code, self.hint, self.log_tail),
         )
 
 
 def _rebuild_job_failed(
-    job_id: str, status: str | None, reason: str | None, exit_code: int | None, hint: str | None
+    job_id: str,
+    status: str | None,
+    reason: str | None,
+    exit_code: int | None,
+    hint: str | None,
+    log_tail: str | None = None,
 ) -> JobFailedError:
-    return JobFailedError(job_id, status=status, status_reason=reason, exit_code=exit_code, hint=hint)
+    return JobFailedError(
+        job_id, status=status, status_reason=reason, exit_code=exit_code, hint=hint, log_tail=log_tail
+    )
 
 
 class PayloadError(CloudExecError, TypeError):

@@ -131,6 +131,17 @@ def _report(outcomes: list[Any]) -> int:
     return EXIT_CALL_FAILED if failed else EXIT_OK
 
 
+def _exit_code_of(outcomes: list[Any]) -> int | None:
+    """The exit code a call asked for with ``sys.exit``, or ``None`` if no call did."""
+    for outcome in outcomes:
+        if outcome[0] != "ok" and isinstance(outcome[1], SystemExit):
+            code = outcome[1].code
+            if code is None:
+                return EXIT_OK
+            return code if isinstance(code, int) else EXIT_CALL_FAILED
+    return None
+
+
 def run_job(
     job_url: str,
     *,
@@ -142,6 +153,11 @@ def run_job(
 
     ``environ`` stands for the job's environment (default ``os.environ``):
     where its key comes from.
+
+    A call that raises ``SystemExit`` (``sys.exit(4)``) ends the job as a
+    process that exits does: with that exit code and no result. The client
+    then gets a `JobFailedError` naming the job and its exit code, rather
+    than a ``SystemExit`` that would end the client too.
     """
     try:
         job_id = loaded.job_id if loaded else job_id_of(job_url)
@@ -166,6 +182,11 @@ def run_job(
         if code == EXIT_INTEGRITY:
             sys.stderr.write(f"cloudexec: {exc}\n")
     sys.stdout.flush()
+    exit_code = _exit_code_of(outcomes)
+    if exit_code is not None:
+        sys.stderr.write(f"cloudexec: the call called sys.exit({exit_code}): the job ends with that exit code\n")
+        sys.stderr.flush()
+        return exit_code
     try:
         _write_result(store, job_id, key, index, outcomes)
     except BaseException as exc:  # noqa: BLE001

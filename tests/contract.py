@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import dataclasses
 import os
 import sys
 import textwrap
@@ -60,6 +61,35 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Crash:
+    """One row of the crash matrix: a call, and how its future must end."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    error: type[BaseException]
+    match: str = ""  # in the message (errors other than JobFailedError)
+    output: str = ""  # a line the job printed before it died, in the error's log tail
+    needs_process: bool = False  # the call ends its process
+
+
+CRASHES = [
+    Crash("segfault", jobs.segfault, (), JobFailedError, output="about to segfault", needs_process=True),
+    Crash("os._exit", jobs.exit_hard_after_output, (3,), JobFailedError, output="about to os._exit",
+          needs_process=True),
+    Crash("sys.exit", jobs.exit_soft, (4,), JobFailedError, output="about to sys.exit"),
+    Crash("raises", jobs.fail_on, (3,), jobs.Boom, match="item 3 is bad"),
+    Crash("argument-unpickle", jobs.identity, (jobs.LoadsNowhere(),), PayloadError,
+          match="cannot be unpickled (LoadsNowhere)"),
+    Crash("result-pickle", jobs.unpicklable_result, (), PayloadError, match="cannot be pickled"),
+    Crash("result-unpickle", jobs.unloadable_result, (), PayloadError, match="cannot be unpickled (LoadsNowhere)"),
+    Crash("memory", jobs.hog, (300,), JobFailedError, needs_process=True),
+    Crash("timeout", jobs.nap, (30,), JobFailedError),
+    Crash("cancel", jobs.nap, (60,), cf.CancelledError),
+]
 
 
 class ExecutorContract:
@@ -224,6 +254,52 @@ class ExecutorContract:
         wait_until(lambda: all(s is not None and s.terminal for s in arr.child_job_statuses), self.cancel_timeout_s)
         reasons = arr.child_job_status_reasons
         assert all("cloudexec" in (r or "") for r in reasons), reasons
+
+    # -- the crash matrix -----------------------------------------------------------
+    # Every way a call can end badly. Each ends its future with a specific
+    # exception, in bounded time, and the same executor keeps working.
+    @pytest.mark.timeout(120)
+    @pytest.mark.parametrize("case", CRASHES, ids=[c.name for c in CRASHES])
+    def test_crash_matrix(self, make_executor: MakeExecutor, case: Crash) -> None:
+        if case.needs_process and not self.isolated_processes:
+            pytest.skip("jobs share the test process: this call would end it")
+        ex = make_executor()
+        settings: dict[str, Any] = {}
+        if case.name == "memory":
+            if self.memory_limit is None:
+                pytest.skip("this provider enforces no per-job memory limit")
+            settings["memory"] = self.memory_limit
+        if case.name == "timeout":
+            settings["timeout"] = self.timeout_setting
+        fut = (ex.with_settings(**settings) if settings else ex).submit(case.fn, *case.args)
+        if case.name == "cancel":
+            wait_until(fut.running, self.cancel_timeout_s)
+            assert fut.cancel() is True
+        started = time.monotonic()
+        with pytest.raises(case.error) as info:
+            fut.result(timeout=60)
+        assert time.monotonic() - started < 60
+        err = info.value
+        if isinstance(err, JobFailedError):
+            assert err.job_id == fut.job_id and fut.job_id in str(err)
+            assert fut.job_status is not None and err.status == fut.job_status.value
+            assert err.status_reason == fut.job_status_reason
+            assert err.exit_code == fut.job_exit_code
+            expected_code = {"segfault": 139, "os._exit": 3, "sys.exit": 4, "memory": 137,
+                             "timeout": self.timeout_exit_code}[case.name]
+            assert err.exit_code == expected_code, str(err)
+            if case.output:
+                assert case.output in (err.log_tail or ""), str(err)
+                assert case.output in str(err)
+        elif case.name == "raises":
+            assert isinstance(err.__cause__, RemoteTraceback) and case.match in str(err)
+            assert fut.job_exit_code == 1
+        elif case.name != "cancel":
+            assert fut.job_id in str(err) and case.match in str(err), str(err)
+            expected_code = {"argument-unpickle": 2, "result-pickle": 1, "result-unpickle": 0}[case.name]
+            assert fut.job_exit_code == expected_code
+        # The same executor keeps working.
+        assert ex.submit(jobs.double, 21).result(timeout=45) == 42
 
     # -- map --------------------------------------------------------------------
     @pytest.mark.timeout(90)

@@ -84,3 +84,42 @@ def unpicklable_result() -> object:
 
 def sphere(x: "list[float]") -> float:
     return float(sum(v * v for v in x))
+
+
+# -- the crash matrix ------------------------------------------------------------------
+
+
+def segfault() -> None:
+    import ctypes
+
+    print("about to segfault", flush=True)
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+def exit_hard_after_output(code: int) -> None:
+    print("about to os._exit", flush=True)
+    os._exit(code)
+
+
+def exit_soft(code: int) -> None:
+    print("about to sys.exit", flush=True)
+    sys.exit(code)
+
+
+def _refuse_to_load(where: str) -> None:
+    raise RuntimeError(f"this object cannot be unpickled ({where})")
+
+
+class LoadsNowhere:
+    """Pickles fine; unpickling it always fails (in the job for an argument, on the client for a result)."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return _refuse_to_load, ("LoadsNowhere",)
+
+
+def identity(x: object) -> object:
+    return x
+
+
+def unloadable_result() -> LoadsNowhere:
+    return LoadsNowhere()

@@ -35,6 +35,7 @@ from typing import Any
 
 from cloudexec import _keys, _payload
 from cloudexec._base import BatchExecutor
+from cloudexec._process import exit_code_of
 from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
 from cloudexec._storage import LocalStore, is_local_url, local_path, make_temp_root, open_store
 from cloudexec.errors import SubmissionError
@@ -385,8 +386,7 @@ class _Scheduler:
         threading.Thread(target=self._wait_proc, args=(task, proc), daemon=True).start()
 
     def _wait_proc(self, task: _Task, proc: subprocess.Popen[bytes]) -> None:
-        code = proc.wait()
-        self._event("exit", (task, _KILLED_EXIT if code < 0 else code))
+        self._event("exit", (task, exit_code_of(proc.wait())))
 
     def _spawn_worker(self, job: _LocalJob) -> _Worker | None:
         read_fd, write_fd = os.pipe()
@@ -460,7 +460,8 @@ class _Scheduler:
         requeue: list[_Task] = []
         for task in worker.assigned:
             if task.status is S.RUNNING and task in self.running:
-                self._task_exited(task, _KILLED_EXIT)
+                # The child that was running ended the worker (os._exit, a signal).
+                self._task_exited(task, exit_code_of(worker.proc.wait()))
             elif task.index in job.skip:
                 job.skip.discard(task.index)
             else:

@@ -424,9 +424,13 @@ def test_describe_of_many_jobs_costs_a_list_and_a_few_gets(make_executor: Any, e
         done_before = finals()
         infos = provider.describe(refs)
         assert set(infos) == set(refs)
-        # One list, at most a few task GETs, and one GET per job the moment it completes.
-        assert counting.calls.count("list_jobs") == 1 and "get_job" not in counting.calls
-        assert len(counting.calls) <= 1 + _REFRESH_PER_POLL + (finals() - done_before), counting.calls
+        if len(refs) - done_before == 1:
+            # The last job left is a lone property read: its task (and job) directly.
+            assert "list_jobs" not in counting.calls and len(counting.calls) <= 2, counting.calls
+        else:
+            # One list, at most a few task GETs, and one GET per job the moment it completes.
+            assert counting.calls.count("list_jobs") == 1 and "get_job" not in counting.calls
+            assert len(counting.calls) <= 1 + _REFRESH_PER_POLL + (finals() - done_before), counting.calls
         for ref in refs:
             status = infos[ref].status
             assert status is not None

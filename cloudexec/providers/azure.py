@@ -242,6 +242,16 @@ def _ended(task: Any) -> bool:
     return failure is not None and failure.code == "TaskEnded"
 
 
+def _settled(task: Any, job: Any) -> bool:
+    """Whether a terminal task's answer can be kept for good.
+
+    A task that completed on its own never changes again; one ended by a
+    terminate is kept only once its job completed, because the job carries
+    the terminate reason and may not show it yet.
+    """
+    return not _ended(task) or (job is not None and _name(job.state) == "completed")
+
+
 def _iso(value: Any) -> str | None:
     return value.isoformat() if isinstance(value, _dt.datetime) else None
 
@@ -733,7 +743,7 @@ class AzureBatchProvider(Provider):
             # way, and the job fetched now may already carry its reason.
             job = self._get_job(job_id) or job
         info = task_info(task, job_id, job)
-        self._remember(job_id, info, final=final or _name(job.state) == "completed")
+        self._remember(job_id, info, final=final or _settled(task, job))
         return info
 
     def _pick_refresh(self, active: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -862,7 +872,7 @@ class AzureBatchProvider(Provider):
             job = self._get_job(job_id)
         info = task_info(task, job_id, job)
         if remember:
-            self._remember(job_id, info, final=job is not None and _name(job.state) == "completed")
+            self._remember(job_id, info, final=_settled(task, job))
         return info
 
     def describe_children(self, ref: str, size: int) -> list[JobInfo | None]:

@@ -12,11 +12,19 @@ channel delivers) *before* anything is unpickled, and the result is signed
 with it (see `cloudexec._keys`). Shipped module source is installed only from
 a verified call.
 
-An array child finds its index, in this order, from ``--index``,
-``AWS_BATCH_JOB_ARRAY_INDEX`` (AWS Batch, plus ``CLOUDEXEC_ARRAY_OFFSET`` for
-arrays split into parts), ``CLOUDEXEC_ARRAY_INDEX`` (set by providers that
-run a child as a plain job) or ``AZ_BATCH_TASK_ID`` (Azure task ids start at
-10000001 for child 0).
+The runner names no provider: the provider's command line (its
+`cloudexec.Provider.command_for`) says where an array child's index is and
+what to do around a run:
+
+``--index N``             the child's index, given outright
+``--index-env NAME``      else read it from environment variable ``NAME``
+                          (default ``CLOUDEXEC_ARRAY_INDEX``) ...
+``--index-base N``        ... minus ``N`` (services whose ids do not start at 0)
+``--index-offset N``      ... plus ``N`` (one part of an array split in parts)
+``--capture-output HOOK`` call ``module:callable`` before the run and
+                          ``finish()`` on what it returns after it (a
+                          provider that keeps logs and output files in its
+                          own places tees and uploads them)
 
 Cold start matters, every job pays it: this module imports only the standard
 library at top level; dill comes in to unpickle, and fsspec (with s3fs or
@@ -43,8 +51,8 @@ from cloudexec.errors import IntegrityError
 
 __all__ = ["main", "run_job"]
 
-# Azure Batch task ids of array children start here (Wolfram's scheme).
-AZURE_FIRST_CHILD_TASK_ID = 10000001
+#: Where an array child's index is when the command line names no variable.
+DEFAULT_INDEX_ENV = "CLOUDEXEC_ARRAY_INDEX"
 
 EXIT_OK = 0
 EXIT_CALL_FAILED = 1
@@ -57,23 +65,35 @@ def _storage_options() -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def array_index_from_env() -> int | None:
-    """The array child index the provider gave this process, if any.
+def array_index_from_env(
+    name: str = DEFAULT_INDEX_ENV,
+    *,
+    base: int = 0,
+    offset: int = 0,
+    environ: Mapping[str, str] | None = None,
+) -> int | None:
+    """The array child index the provider put in environment variable ``name``, if any.
 
-    An AWS array split into parts (AWS allows 10,000 children per array) sets
-    ``CLOUDEXEC_ARRAY_OFFSET`` on each part: the global index is the part's
-    ``AWS_BATCH_JOB_ARRAY_INDEX`` plus that offset.
+    Args:
+        name: the variable the provider sets on each child.
+        base: the variable's value for child 0 (subtracted).
+        offset: added to the result: the first global index of this part,
+            for a service whose arrays are split into parts.
+        environ: the environment to read (default ``os.environ``).
+
+    Raises:
+        ValueError: the variable is set but is not a whole number at least ``base``.
     """
-    aws = os.environ.get("AWS_BATCH_JOB_ARRAY_INDEX")
-    if aws not in (None, ""):
-        return int(aws) + int(os.environ.get("CLOUDEXEC_ARRAY_OFFSET") or 0)
-    explicit = os.environ.get("CLOUDEXEC_ARRAY_INDEX")
-    if explicit not in (None, ""):
-        return int(explicit)
-    task_id = os.environ.get("AZ_BATCH_TASK_ID")
-    if task_id and task_id.isdigit():
-        return int(task_id) - AZURE_FIRST_CHILD_TASK_ID
-    return None
+    raw = (os.environ if environ is None else environ).get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        index = int(raw) - base + offset
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an array index: expected a whole number") from None
+    if index < offset:
+        raise ValueError(f"{name}={raw!r} is below the first child's value {base}")
+    return index
 
 
 def job_id_of(job_url: str) -> str:
@@ -267,39 +287,63 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_url", help="storage URL of the job's prefix")
     parser.add_argument("--array", action="store_true", help="run one child of an array job")
     parser.add_argument("--index", type=int, default=None, help="array child index (else from the environment)")
+    parser.add_argument(
+        "--index-env", default=DEFAULT_INDEX_ENV, metavar="NAME", help="environment variable holding the index"
+    )
+    parser.add_argument("--index-base", type=int, default=0, metavar="N", help="that variable's value for child 0")
+    parser.add_argument("--index-offset", type=int, default=0, metavar="N", help="added to the index from NAME")
+    parser.add_argument(
+        "--capture-output",
+        default=None,
+        metavar="MODULE:CALLABLE",
+        help="called before the run; finish() is called on what it returns after the run",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         return _serve(args.job_url, args.control_fd)
-    # -- Azure Batch File Conventions hook (issue 4) ---------------------------
-    # Only the Azure provider sets CLOUDEXEC_TASK_OUTPUT, so other providers
-    # import nothing more. The capture tees fds 1/2 and, when the run ends,
-    # uploads them and ./JobOutput/ to the job's blob container (see
-    # cloudexec._conventions).
-    capture = None
-    if os.environ.get("CLOUDEXEC_TASK_OUTPUT"):
-        from cloudexec._conventions import TaskOutputCapture
-
-        capture = TaskOutputCapture.start()
+    # Only a provider that asks for a capture pays its import, so the others'
+    # cold start does not change.
+    capture = _start_capture(args.capture_output) if args.capture_output else None
     try:
         return _run_parsed(args)
     finally:
         if capture is not None:
             capture.finish()
-    # -- end of the hook ---------------------------------------------------------
+
+
+def _start_capture(hook: str) -> Any:
+    """Call the provider's ``module:callable`` capture hook; ``None`` if it cannot start.
+
+    The hook comes from the command line, which the provider wrote: it is
+    trusted as the runner itself is (stored payloads are not). A hook that
+    fails to load must not cost the job its run: the reason goes to stderr.
+    """
+    import importlib
+
+    module, _, name = hook.partition(":")
+    try:
+        target: Any = importlib.import_module(module)
+        for attr in (name or "start").split("."):
+            target = getattr(target, attr)
+        return target()
+    except Exception as exc:  # noqa: BLE001 - the job runs without the capture
+        sys.stderr.write(f"cloudexec: cannot start the output capture {hook!r}: {type(exc).__name__}: {exc}\n")
+        return None
 
 
 def _run_parsed(args: Any) -> int:
     """Run the job the parsed command line names (the body of `main`)."""
     index = args.index
     if args.array and index is None:
-        index = array_index_from_env()
+        try:
+            index = array_index_from_env(args.index_env, base=args.index_base, offset=args.index_offset)
+        except ValueError as exc:
+            sys.stderr.write(f"cloudexec: --array given but {exc}\n")
+            return EXIT_INFRA
         if index is None:
-            sys.stderr.write(
-                "cloudexec: --array given but no index: expected AWS_BATCH_JOB_ARRAY_INDEX, "
-                "CLOUDEXEC_ARRAY_INDEX or AZ_BATCH_TASK_ID in the environment\n"
-            )
+            sys.stderr.write(f"cloudexec: --array given but no index: expected {args.index_env} in the environment\n")
             return EXIT_INFRA
     return run_job(args.job_url, index=index)
 

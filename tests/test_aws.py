@@ -13,7 +13,7 @@ import pytest
 import jobs
 from cloudexec import AWSBatchExecutor, AWSJobStatus
 from cloudexec.errors import CloudExecError, JobFailedError, StorageError
-from cloudexec.providers.aws import sanitize_job_name
+from cloudexec.providers.aws import AWSBatchProvider, sanitize_job_name
 from cloudexec.testing import aws_batch_emulator
 from contract import ExecutorContract, executor_factory, wait_until
 from provider_contract import ProviderContract
@@ -121,6 +121,14 @@ def test_settings_reach_submit_job(make_executor: Any, emu: Any) -> None:
     assert job["schedulingPriority"] == 7 and job["shareIdentifier"] == "blue"
 
 
+def test_command_line_names_the_index_variable() -> None:
+    provider = object.__new__(AWSBatchProvider)  # command_for needs no client
+    assert provider.command_for("s3://b/job-1", array=False) == ("python", "-m", "cloudexec.runner", "s3://b/job-1")
+    assert provider.command_for("s3://b/job-1", array=True) == (
+        "python", "-m", "cloudexec.runner", "s3://b/job-1", "--array", "--index-env", "AWS_BATCH_JOB_ARRAY_INDEX"
+    )
+
+
 @pytest.mark.parametrize(
     "name, expected",
     [("simulate", "simulate"), ("my job/№1", "my_job_1"), ("_private", "private"), ("<lambda>", "lambda"),
@@ -192,6 +200,10 @@ def test_more_children_than_aws_allows_are_split_in_order(emu: Any) -> None:
         manifest = json.loads(ex._core.store.read(f"{arr.job_id}/job.json"))
         parts = manifest["provider_ref"][len("array:") :].split(",")
         assert [p.rsplit("/", 1)[1] for p in parts] == ["3", "3", "1"]
+        # Each part's command line tells its children where their global index starts.
+        commands = [_describe(emu, p.rsplit("/", 1)[0])["container"]["command"] for p in parts]
+        assert commands[0][-2:] == ["--index-env", "AWS_BATCH_JOB_ARRAY_INDEX"]
+        assert commands[1][-2:] == ["--index-offset", "3"] and commands[2][-2:] == ["--index", "6"]
         assert list(ex.map(jobs.double, range(8), chunksize=2)) == [2 * i for i in range(8)]
         assert arr.status_counts is not None and arr.status_counts["SUCCEEDED"] == 7
 

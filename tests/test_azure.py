@@ -30,9 +30,9 @@ import jobs  # noqa: E402
 from azure.core.credentials import AzureNamedKeyCredential  # noqa: E402
 from azure.core.exceptions import ResourceNotFoundError  # noqa: E402
 
-from cloudexec import _conventions  # noqa: E402
 from cloudexec._base import CANCEL_REASON  # noqa: E402
 from cloudexec.errors import CloudExecError, JobFailedError, StorageError, SubmissionError  # noqa: E402
+from cloudexec.providers import _azure_conventions as _conventions  # noqa: E402
 from cloudexec.providers.azure import (  # noqa: E402
     DEFAULT_CONTAINER_IMAGE,
     _REFRESH_PER_POLL,
@@ -174,11 +174,21 @@ def test_async_credential_adapter_serves_a_sync_token_credential() -> None:
 def test_runner_loads_conventions_only_when_asked() -> None:
     code = (
         "import sys, cloudexec.runner\n"
-        "assert 'cloudexec._conventions' not in sys.modules\n"
-        "import cloudexec._conventions\n"
+        "assert 'cloudexec.providers._azure_conventions' not in sys.modules\n"
+        "import cloudexec.providers._azure_conventions\n"
         "assert not [m for m in sys.modules if m.startswith(('adlfs', 'azure', 'fsspec'))]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_command_line_names_the_index_variable_and_the_capture() -> None:
+    provider = object.__new__(AzureBatchProvider)  # command_for needs no client
+    single = provider.command_for("az://c/job-1", array=False)
+    array = provider.command_for("az://c/job-1", array=True)
+    assert single == ("python", "-m", "cloudexec.runner", "az://c/job-1", "--capture-output", _conventions.CAPTURE_HOOK)
+    assert array == (
+        *single[:4], "--array", *single[4:], "--index-env", "AZ_BATCH_TASK_ID", "--index-base", "10000001"
+    )
 
 
 @pytest.mark.timeout(30)
@@ -189,8 +199,9 @@ def test_capture_tees_output_and_uploads_logs_and_job_output(tmp_path: Path) -> 
     code = textwrap.dedent(
         """
         import os, sys
-        from cloudexec._conventions import TaskOutputCapture
-        capture = TaskOutputCapture.start()
+        from cloudexec import runner
+        from cloudexec.providers._azure_conventions import CAPTURE_HOOK
+        capture = runner._start_capture(CAPTURE_HOOK)  # what the command line's --capture-output does
         print("from python", flush=True)
         os.system("echo from a subprocess; echo to stderr >&2")
         os.makedirs("JobOutput/sub")

@@ -185,12 +185,24 @@ def test_runner_exit_codes_and_array_index_from_environment(make_executor: Any, 
     url = os.path.join(io_root, arr.job_id)
     os.remove(os.path.join(url, "results", "0.pkl"))
     keyed = dict(os.environ, CLOUDEXEC_JOB_KEY=ex._core.keys.job_key(arr.job_id).hex())
-    env = dict(keyed, AWS_BATCH_JOB_ARRAY_INDEX="0")
-    ok = subprocess.run([sys.executable, "-m", "cloudexec.runner", url, "--array"], env=env, capture_output=True)
-    assert ok.returncode == 0 and os.path.exists(os.path.join(url, "results", "0.pkl"))
-    env = dict(keyed, CLOUDEXEC_ARRAY_INDEX="1")
-    bad = subprocess.run([sys.executable, "-m", "cloudexec.runner", url, "--array"], env=env, capture_output=True)
+    runner = [sys.executable, "-m", "cloudexec.runner", url, "--array"]
+
+    def run(*options: str, **env: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*runner, *options], env=dict(keyed, **env), capture_output=True)
+
+    # Each provider's command line says where the index is; the runner names none of them.
+    aws_style = run("--index-env", "AWS_BATCH_JOB_ARRAY_INDEX", AWS_BATCH_JOB_ARRAY_INDEX="0")
+    assert aws_style.returncode == 0 and os.path.exists(os.path.join(url, "results", "0.pkl"))
+    split_part = run("--index-env", "JOB_INDEX", "--index-offset", "1", JOB_INDEX="0")
+    assert split_part.returncode == 1 and b"item 3 is bad" in split_part.stderr
+    azure_style = run("--index-env", "TASK_ID", "--index-base", "10000001", TASK_ID="10000002")
+    assert azure_style.returncode == 1 and b"item 3 is bad" in azure_style.stderr
+    bad = run(CLOUDEXEC_ARRAY_INDEX="1")  # the variable read when the command line names none
     assert bad.returncode == 1 and b"item 3 is bad" in bad.stderr
+    unset = run("--index-env", "AWS_BATCH_JOB_ARRAY_INDEX", CLOUDEXEC_ARRAY_INDEX="1")
+    assert unset.returncode == 2 and b"expected AWS_BATCH_JOB_ARRAY_INDEX in the environment" in unset.stderr
+    garbled = run("--index-env", "TASK_ID", "--index-base", "10000001", TASK_ID="task-7")
+    assert garbled.returncode == 2 and b"TASK_ID='task-7' is not an array index" in garbled.stderr
     missing = subprocess.run([sys.executable, "-m", "cloudexec.runner", url + "-nope"], env=keyed, capture_output=True)
     assert missing.returncode == 2
     keyless = subprocess.run([sys.executable, "-m", "cloudexec.runner", url, "--index", "1"], capture_output=True)

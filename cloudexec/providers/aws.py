@@ -9,7 +9,8 @@ AWS limits this module works within (AWS Batch API reference):
 
 - arrays have 2..10,000 children: a one-item map is submitted as a plain job
   that knows it is child 0, and larger maps are split into several array jobs
-  whose children learn their global index from ``CLOUDEXEC_ARRAY_OFFSET``;
+  whose children learn their global index from ``AWS_BATCH_JOB_ARRAY_INDEX``
+  plus their part's ``--index-offset`` on the runner's command line;
 - DescribeJobs takes at most 100 ids; about 50 Batch calls per second per
   account are allowed, so polls are bulk and throttling
   (``TooManyRequestsException``) is retried by botocore's adaptive retry mode;
@@ -249,7 +250,20 @@ class AWSBatchProvider(Provider):
             )
 
     # -- submit --------------------------------------------------------------
-    def _request(self, spec: JobSpec, *, size: int | None, env: dict[str, str], suffix: str = "") -> dict[str, Any]:
+    def command_for(self, job_url: str, *, array: bool) -> tuple[str, ...]:
+        """The runner command: array children read their index from ``AWS_BATCH_JOB_ARRAY_INDEX``."""
+        command = super().command_for(job_url, array=array)
+        return command + ("--index-env", "AWS_BATCH_JOB_ARRAY_INDEX") if array else command
+
+    def _request(
+        self,
+        spec: JobSpec,
+        *,
+        size: int | None,
+        env: dict[str, str],
+        suffix: str = "",
+        command: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
         s = spec.settings
         requirements = []
         if s.vcpus is not None:
@@ -259,7 +273,7 @@ class AWSBatchProvider(Provider):
         if s.gpus:
             requirements.append({"type": "GPU", "value": str(s.gpus)})
         overrides: dict[str, Any] = {
-            "command": list(spec.command),
+            "command": list(spec.command if command is None else command),
             "environment": [{"name": k, "value": v} for k, v in sorted(env.items())],
         }
         if requirements:
@@ -317,12 +331,12 @@ class AWSBatchProvider(Provider):
                 size = min(self.max_array_size, spec.array_size - offset)
                 suffix = f"-part{offset // self.max_array_size}" if spec.array_size > self.max_array_size else ""
                 if size == 1:
-                    # AWS arrays need 2+ children: a lone child runs as a plain job.
-                    part_env = {**env, "CLOUDEXEC_ARRAY_INDEX": str(offset)}
-                    request = self._request(spec, size=None, env=part_env, suffix=suffix)
+                    # AWS arrays need 2+ children: a lone child runs as a plain job told its index.
+                    command = (*spec.command, "--index", str(offset))
+                    request = self._request(spec, size=None, env=env, suffix=suffix, command=command)
                 else:
-                    part_env = {**env, "CLOUDEXEC_ARRAY_OFFSET": str(offset)} if offset else env
-                    request = self._request(spec, size=size, env=part_env, suffix=suffix)
+                    command = (*spec.command, "--index-offset", str(offset)) if offset else spec.command
+                    request = self._request(spec, size=size, env=env, suffix=suffix, command=command)
                 parts.append((self._submit_one(spec, request), size))
         except BaseException:
             # Nothing half-submitted: stop the parts that did go through.

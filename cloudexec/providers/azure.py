@@ -6,7 +6,8 @@ How calls become Azure objects (azure-batch 15.x, ``azure.batch.BatchClient``)::
                            task "10000000"
     submit_map / map       one Azure job with one task per child: "10000001",
                            "10000002", … (child i is task 10000001 + i; the
-                           runner reads its index from AZ_BATCH_TASK_ID), added
+                           command line tells the runner to read its index
+                           from AZ_BATCH_TASK_ID minus 10000001), added
                            in collections of at most 100 (Azure's limit per
                            addtaskcollection request), in index order
     then                   the job's onAllTasksComplete is set to terminatejob,
@@ -74,8 +75,8 @@ cancelled by terminating its task alone.
 
 Logs: ``job_log``/``job_stderr_log`` read the node's ``stdout.txt``/``stderr.txt``
 while the task runs and the Batch File Conventions blobs
-(``job-<jobId>/<taskId>/$TaskLog/``, written by the runner, see
-`cloudexec._conventions`) after it ended, falling back to the node's files
+(``job-<jobId>/<taskId>/$TaskLog/``, written by the runner's output
+capture, see `cloudexec.providers._azure_conventions`) after it ended, falling back to the node's files
 for a task that was killed before it could upload them. Files a job writes to
 ``./JobOutput/`` are listed by ``future.output_files()`` and fetched by
 ``future.download_output(name, dest)``.
@@ -99,12 +100,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from cloudexec import _conventions
 from cloudexec._base import ArrayFuture, BatchExecutor, BatchFuture
 from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
 from cloudexec._version import __version__
 from cloudexec.errors import CloudExecError, StorageError, SubmissionError
-from cloudexec.runner import AZURE_FIRST_CHILD_TASK_ID
+from cloudexec.providers import _azure_conventions as _conventions
 from cloudexec.settings import COMMON_SETTINGS, JobSettings
 
 __all__ = [
@@ -121,7 +121,9 @@ log = logging.getLogger("cloudexec")
 
 #: The runner image ``container/Dockerfile`` builds (``docker build … -t cloudexec:<major.minor>``).
 DEFAULT_CONTAINER_IMAGE = "cloudexec:" + ".".join(__version__.split(".")[:2])
-#: Task id of a single job (Wolfram's scheme); array children start at 10000001.
+#: Task id of array child 0 (Wolfram's scheme): child i is task 10000001 + i.
+AZURE_FIRST_CHILD_TASK_ID = 10000001
+#: Task id of a single job.
 SINGLE_TASK_ID = str(AZURE_FIRST_CHILD_TASK_ID - 1)
 #: Azure's limit of tasks per addtaskcollection request.
 MAX_TASKS_PER_REQUEST = 100
@@ -450,6 +452,17 @@ class AzureBatchProvider(Provider):
         self.vm_size = pool.vm_size
         vm_config = pool.virtual_machine_configuration
         self.pool_runs_containers = bool(vm_config is not None and vm_config.container_configuration)
+
+    def command_for(self, job_url: str, *, array: bool) -> tuple[str, ...]:
+        """The runner command: array children read their index from ``AZ_BATCH_TASK_ID``.
+
+        Every task also tees its output, which the runner uploads with
+        ./JobOutput/ under the Batch File Conventions when the run ends.
+        """
+        command = super().command_for(job_url, array=array) + ("--capture-output", _conventions.CAPTURE_HOOK)
+        if array:
+            command += ("--index-env", "AZ_BATCH_TASK_ID", "--index-base", str(AZURE_FIRST_CHILD_TASK_ID))
+        return command
 
     def validate_settings(self, settings: JobSettings) -> None:
         vm = f" ({self.vm_size})" if self.vm_size else ""

@@ -13,11 +13,14 @@ Two sides use this module:
 
 * the Azure provider (client) derives the container name, creates the
   container before the job starts, and lists / downloads what landed there;
-* the runner (inside the task) calls `TaskOutputCapture` only when the
-  provider set ``CLOUDEXEC_TASK_OUTPUT`` (the container's fsspec URL), so the
-  other providers' cold start does not change. This module imports only the
-  standard library; adlfs comes in through `cloudexec._storage` when the
-  upload happens, and the runner has already loaded it for its own storage.
+* the runner (inside the task) starts `TaskOutputCapture` because the Azure
+  provider's command line asks for it (``--capture-output`` naming
+  `TaskOutputCapture.start`; the task's environment carries
+  ``CLOUDEXEC_TASK_OUTPUT``, the container's fsspec URL). The runner imports
+  this module only then, so the other providers' cold start does not change.
+  It imports only the standard library; adlfs comes in through
+  `cloudexec._storage` when the upload happens, and the runner has already
+  loaded it for its own storage.
 
 How stdout/stderr are captured: file descriptors 1 and 2 are *teed*. Each is
 replaced by a pipe whose reader thread forwards every chunk to the original
@@ -47,6 +50,7 @@ import tempfile
 from typing import Any
 
 __all__ = [
+    "CAPTURE_HOOK",
     "ENV_VAR",
     "OUTPUT_DIR",
     "LOG_KIND",
@@ -59,6 +63,8 @@ __all__ = [
 
 #: Set by the Azure provider on every task: fsspec URL of the job's conventions container.
 ENV_VAR = "CLOUDEXEC_TASK_OUTPUT"
+#: The runner's ``--capture-output`` hook that starts `TaskOutputCapture` in a task.
+CAPTURE_HOOK = f"{__name__}:TaskOutputCapture.start"
 #: Folder (relative to the task's working directory) whose files are uploaded.
 OUTPUT_DIR = "JobOutput"
 #: Azure's names for the two kinds of saved files (``TaskOutputKind`` in the conventions library).
@@ -131,7 +137,7 @@ class _Tee:
         read_end, write_end = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from cloudexec._conventions import _pump; _pump()",
+                [sys.executable, "-c", f"from {__name__} import _pump; _pump()",
                  str(read_end), str(self.original), self.copy_path],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(read_end, self.original),

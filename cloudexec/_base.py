@@ -523,7 +523,7 @@ class BatchExecutor(Executor):
 
     @staticmethod
     def _validate(provider: Provider, settings: dict[str, Any]) -> JobSettings:
-        parsed = JobSettings.from_kwargs(provider.settings, **settings)
+        parsed = JobSettings.from_kwargs(provider.settings, provider.provider_settings, **settings)
         provider.validate_settings(parsed)
         return parsed
 

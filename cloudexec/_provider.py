@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from cloudexec.settings import COMMON_SETTINGS, JobSettings
+from cloudexec.settings import COMMON_SETTINGS, JobSettings, Validator
 
 __all__ = ["Phase", "JobStatus", "JobSpec", "JobInfo", "Provider"]
 
@@ -143,7 +143,12 @@ class Provider(ABC):
     Class attributes:
         name: short name used in manifests (``"aws"``, ``"azure"``, ``"local"``).
         status_enum: the provider's `JobStatus` subclass.
-        settings: job settings it honours (a superset of the common ones).
+        settings: job settings it honours, of those `cloudexec.settings` defines
+            (a superset of the common ones).
+        provider_settings: settings only this provider honours, by name, with
+            their validators (``{"share_identifier": non_empty_str}``); the
+            core merges them into the settings users may give, and their
+            values reach `submit` in ``spec.settings.extra``.
         max_array_size: the largest array one ``submit`` takes (``None``: no limit).
         poll_interval_s: (first, longest) pause between polls; the poller backs
             off from the first to the longest while nothing changes.
@@ -153,6 +158,7 @@ class Provider(ABC):
     name: ClassVar[str]
     status_enum: ClassVar[type[JobStatus]]
     settings: ClassVar[frozenset[str]] = COMMON_SETTINGS
+    provider_settings: ClassVar[Mapping[str, Validator]] = {}
     poll_interval_s: ClassVar[tuple[float, float]] = (1.0, 15.0)
     default_max_workers: ClassVar[int] = 1000
 
@@ -164,7 +170,14 @@ class Provider(ABC):
         """
 
     def command_for(self, job_url: str, *, array: bool) -> tuple[str, ...]:
-        """The runner command line to run inside the provider's container."""
+        """The runner command line to run inside the provider's container.
+
+        The runner knows no service: a provider whose array children find
+        their index in a variable of its own adds ``--index-env NAME`` (and
+        ``--index-base N`` when child 0 is not ``0``); one that keeps logs in
+        places of its own adds ``--capture-output module:callable``. See
+        `cloudexec.runner`.
+        """
         cmd = ("python", "-m", "cloudexec.runner", job_url)
         return cmd + ("--array",) if array else cmd
 

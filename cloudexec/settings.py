@@ -18,12 +18,14 @@ setting                meaning
 ``container_image``    container image reference (providers that choose one)
 ``priority``           scheduling priority from -1 (lowest) to +1 (highest)
 ``tags``               mapping of str to str, attached to the job
-``scheduling_priority``  fair-share scheduling priority (AWS, 0..9999)
-``share_identifier``   fair-share identifier (AWS)
 =====================  ======================================================
 
-Each provider declares which settings it understands; asking one for a
-setting it cannot honour raises at the call, with nothing submitted.
+Each provider declares which of these it understands (`Provider.settings`),
+and declares the settings only it honours, with their validators, itself
+(`Provider.provider_settings`, e.g. a service's fair-share identifier): the
+core merges that table into this one and keeps their values in
+`JobSettings.extra`. Asking a provider for a setting it cannot honour raises
+at the call, with nothing submitted.
 """
 
 from __future__ import annotations
@@ -31,22 +33,28 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["JobSettings", "parse_memory", "COMMON_SETTINGS", "ALL_SETTINGS"]
+__all__ = [
+    "JobSettings",
+    "Validator",
+    "parse_memory",
+    "int_in",
+    "non_empty_str",
+    "COMMON_SETTINGS",
+    "ALL_SETTINGS",
+    "SETTINGS",
+]
+
+#: Checks one setting: ``validator(name, value)`` returns the value to keep,
+#: or raises TypeError/ValueError naming the setting, the bad value and the
+#: allowed range.
+Validator = Callable[[str, Any], Any]
 
 #: Settings every provider accepts.
 COMMON_SETTINGS: frozenset[str] = frozenset({"vcpus", "memory", "gpus", "timeout", "retries", "job_name"})
-#: Every setting name cloudexec knows of; providers accept a subset.
-ALL_SETTINGS: frozenset[str] = COMMON_SETTINGS | {
-    "container_image",
-    "priority",
-    "tags",
-    "scheduling_priority",
-    "share_identifier",
-}
 
 _MIB = 1024 * 1024
 # Binary units count 1024**n bytes, decimal ones 1000**n; single letters
@@ -113,6 +121,65 @@ def _positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int | Non
     return value
 
 
+def int_in(minimum: int = 1, maximum: int | None = None) -> Validator:
+    """A validator of whole numbers from ``minimum`` to ``maximum`` (no upper bound if ``None``)."""
+
+    def check(name: str, value: Any) -> int:
+        return _positive_int(name, value, minimum=minimum, maximum=maximum)
+
+    return check
+
+
+def non_empty_str(name: str, value: Any) -> str:
+    """Validator of a non-empty string."""
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError(f"{name} must be a non-empty string; got {value!r}")
+    return value
+
+
+def _memory(name: str, value: Any) -> int:
+    return parse_memory(value)
+
+
+def _seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds; got {value!r}")
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive number of seconds; got {value!r}")
+    return float(value)
+
+
+def _priority(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number from -1 to +1; got {value!r}")
+    if not -1.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be from -1 (lowest) to +1 (highest); got {value!r}")
+    return float(value)
+
+
+def _tags(name: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise TypeError(f"{name} must be a mapping of str to str; got {value!r}")
+    return dict(value)
+
+
+#: The settings cloudexec defines: user-facing name → (`JobSettings` field, validator).
+SETTINGS: Mapping[str, tuple[str, Validator]] = {
+    "vcpus": ("vcpus", int_in(1)),
+    "memory": ("memory_mib", _memory),
+    "gpus": ("gpus", int_in(0)),
+    "timeout": ("timeout_s", _seconds),
+    "retries": ("retries", int_in(0, 9)),
+    "job_name": ("job_name", non_empty_str),
+    "container_image": ("container_image", non_empty_str),
+    "priority": ("priority", _priority),
+    "tags": ("tags", _tags),
+}
+#: Every setting name cloudexec itself defines; providers accept a subset,
+#: plus the ones they declare themselves.
+ALL_SETTINGS: frozenset[str] = frozenset(SETTINGS)
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """Validated job settings. Fields left ``None`` take the provider's default.
@@ -130,15 +197,22 @@ class JobSettings:
     container_image: str | None = None
     priority: float | None = None
     tags: Mapping[str, str] | None = field(default=None, hash=False)
-    scheduling_priority: int | None = None
-    share_identifier: str | None = None
+    #: Settings a provider declared itself (`Provider.provider_settings`), by name.
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @classmethod
-    def from_kwargs(cls, allowed: frozenset[str] = ALL_SETTINGS, **kwargs: Any) -> JobSettings:
+    def from_kwargs(
+        cls,
+        allowed: frozenset[str] = ALL_SETTINGS,
+        provider_settings: Mapping[str, Validator] | None = None,
+        **kwargs: Any,
+    ) -> JobSettings:
         """Validate user-facing settings (``memory=``, ``timeout=`` …) into a `JobSettings`.
 
         Args:
-            allowed: the setting names the caller's provider understands.
+            allowed: the names from `SETTINGS` the caller's provider understands.
+            provider_settings: the settings the provider declares itself, with
+                their validators; their values go to `extra`.
             **kwargs: settings by their user-facing names; ``None`` means
                 "provider default".
 
@@ -146,60 +220,45 @@ class JobSettings:
             TypeError: an unknown setting, or a value of the wrong type.
             ValueError: a value outside its allowed range.
         """
-        unknown = sorted(set(kwargs) - allowed)
+        own = dict(provider_settings or {})
+        valid = (allowed & ALL_SETTINGS) | set(own)
+        unknown = sorted(set(kwargs) - valid)
         if unknown:
             raise TypeError(
                 f"unknown job setting{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                f"valid settings are: {', '.join(sorted(allowed))}"
+                f"valid settings are: {', '.join(sorted(valid))}"
             )
         values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         for name, value in kwargs.items():
             if value is None:
                 continue
-            if name == "vcpus":
-                values["vcpus"] = _positive_int("vcpus", value)
-            elif name == "memory":
-                values["memory_mib"] = parse_memory(value)
-            elif name == "gpus":
-                values["gpus"] = _positive_int("gpus", value, minimum=0)
-            elif name == "timeout":
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise TypeError(f"timeout must be a number of seconds; got {value!r}")
-                if not value > 0 or not math.isfinite(value):
-                    raise ValueError(f"timeout must be a positive number of seconds; got {value!r}")
-                values["timeout_s"] = float(value)
-            elif name == "retries":
-                values["retries"] = _positive_int("retries", value, minimum=0, maximum=9)
-            elif name in ("job_name", "container_image", "share_identifier"):
-                if not isinstance(value, str) or not value.strip():
-                    raise TypeError(f"{name} must be a non-empty string; got {value!r}")
-                values[name] = value
-            elif name == "priority":
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise TypeError(f"priority must be a number from -1 to +1; got {value!r}")
-                if not -1.0 <= value <= 1.0:
-                    raise ValueError(f"priority must be from -1 (lowest) to +1 (highest); got {value!r}")
-                values["priority"] = float(value)
-            elif name == "scheduling_priority":
-                values["scheduling_priority"] = _positive_int(name, value, minimum=0, maximum=9999)
-            elif name == "tags":
-                if not isinstance(value, Mapping) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-                ):
-                    raise TypeError(f"tags must be a mapping of str to str; got {value!r}")
-                values["tags"] = dict(value)
-        return cls(**values)
+            if name in own:
+                extra[name] = own[name](name, value)
+            else:
+                target, validate = SETTINGS[name]
+                values[target] = validate(name, value)
+        return cls(**values, extra=extra)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A setting a provider declared itself (see `extra`), ``default`` if not set."""
+        return self.extra.get(name, default)
 
     def merged(self, overrides: JobSettings) -> JobSettings:
         """Return these settings with every non-``None`` field of ``overrides`` on top."""
-        changes = {f.name: getattr(overrides, f.name) for f in dataclasses.fields(overrides)}
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        changes = {f.name: getattr(overrides, f.name) for f in dataclasses.fields(overrides) if f.name != "extra"}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes, extra={**self.extra, **overrides.extra})
 
     def as_dict(self) -> dict[str, Any]:
         """The settings that are set, as a JSON-friendly dict (for job manifests)."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "extra":
+                continue
             if value is not None:
                 out[f.name] = dict(value) if isinstance(value, Mapping) else value
+        # A provider's own settings sit next to the common ones, as users named them.
+        out.update({k: dict(v) if isinstance(v, Mapping) else v for k, v in self.extra.items()})
         return out

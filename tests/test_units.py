@@ -18,7 +18,7 @@ from cloudexec._provider import JobStatus
 from cloudexec._storage import FsspecStore, LocalStore, open_store
 from cloudexec.errors import JobFailedError, PayloadError, RemoteError, VersionMismatchError
 from cloudexec.providers.local import LocalJobStatus
-from cloudexec.settings import JobSettings, parse_memory
+from cloudexec.settings import ALL_SETTINGS, SETTINGS, JobSettings, int_in, non_empty_str, parse_memory
 from cloudexec.testing.fake import FakeBatchProvider, FakeBatchService, FakeJobStatus
 
 # -- settings ---------------------------------------------------------------------
@@ -89,6 +89,32 @@ def test_settings_merge_and_dict() -> None:
     assert merged.as_dict() == {"vcpus": 2, "memory_mib": 256, "retries": 1}
     with pytest.raises(TypeError, match="valid settings are: gpus, job_name"):
         JobSettings.from_kwargs(frozenset({"gpus", "job_name"}), vcpus=1)
+
+
+_OWN = {"share": non_empty_str, "weight": int_in(0, 99)}  # as a provider declares its own settings
+
+
+def test_provider_declared_settings_are_validated_and_kept_apart() -> None:
+    parsed = JobSettings.from_kwargs(frozenset({"vcpus"}), _OWN, vcpus=2, share="blue", weight=None)
+    assert parsed.vcpus == 2 and parsed.extra == {"share": "blue"} and parsed.get("share") == "blue"
+    assert parsed.get("weight") is None
+    merged = parsed.merged(JobSettings.from_kwargs(frozenset(), _OWN, weight=7))
+    assert merged.extra == {"share": "blue", "weight": 7}
+    assert merged.as_dict() == {"vcpus": 2, "share": "blue", "weight": 7}  # manifests name them as users do
+    with pytest.raises(ValueError, match="weight must be from 0 to 99; got 100"):
+        JobSettings.from_kwargs(frozenset(), _OWN, weight=100)
+    with pytest.raises(TypeError, match="share must be a non-empty string"):
+        JobSettings.from_kwargs(frozenset(), _OWN, share="")
+    with pytest.raises(TypeError, match="unknown job setting 'share'; valid settings are: vcpus$"):
+        JobSettings.from_kwargs(frozenset({"vcpus"}), share="blue")  # another provider's setting
+
+
+def test_core_settings_table_names_no_provider_only_setting() -> None:
+    from cloudexec.providers.aws import AWSBatchProvider
+
+    assert set(SETTINGS) == ALL_SETTINGS
+    assert not set(AWSBatchProvider.provider_settings) & ALL_SETTINGS
+    assert {"scheduling_priority", "share_identifier"} <= set(AWSBatchProvider.provider_settings)
 
 
 # -- envelopes ----------------------------------------------------------------------

@@ -36,7 +36,7 @@ from typing import Any
 from cloudexec._base import ArrayFuture, BatchExecutor, BatchFuture
 from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
 from cloudexec.errors import CloudExecError, SubmissionError
-from cloudexec.settings import COMMON_SETTINGS, JobSettings
+from cloudexec.settings import COMMON_SETTINGS, JobSettings, int_in, non_empty_str
 
 __all__ = ["AWSBatchExecutor", "AWSBatchFuture", "AWSArrayFuture", "AWSJobStatus", "AWSBatchProvider"]
 
@@ -194,7 +194,9 @@ class AWSBatchProvider(Provider):
 
     name = "aws"
     status_enum = AWSJobStatus
-    settings = COMMON_SETTINGS | {"tags", "scheduling_priority", "share_identifier"}
+    settings = COMMON_SETTINGS | {"tags"}
+    # AWS Batch's fair-share scheduling (SubmitJob's schedulingPriorityOverride, 0..9999, and shareIdentifier).
+    provider_settings = {"scheduling_priority": int_in(0, 9999), "share_identifier": non_empty_str}
     poll_interval_s = (1.0, 10.0)
 
     def __init__(
@@ -292,10 +294,10 @@ class AWSBatchProvider(Provider):
             request["retryStrategy"] = {"attempts": s.retries + 1}
         if s.tags:
             request["tags"] = dict(s.tags)
-        if s.scheduling_priority is not None:
-            request["schedulingPriorityOverride"] = s.scheduling_priority
-        if s.share_identifier is not None:
-            request["shareIdentifier"] = s.share_identifier
+        if s.get("scheduling_priority") is not None:
+            request["schedulingPriorityOverride"] = s.get("scheduling_priority")
+        if s.get("share_identifier") is not None:
+            request["shareIdentifier"] = s.get("share_identifier")
         size_bytes = len(json.dumps(request).encode())
         if size_bytes > MAX_SUBMIT_BYTES:
             raise SubmissionError(
@@ -493,7 +495,8 @@ class AWSBatchExecutor(BatchExecutor):
         max_array_size: children per AWS array job (AWS allows 10,000).
         **settings: default job settings: ``vcpus``, ``memory``, ``gpus``,
             ``timeout`` (≥ 60 s), ``retries`` (0..9), ``job_name``, ``tags``,
-            ``scheduling_priority``, ``share_identifier``.
+            and AWS's fair-share ``scheduling_priority`` (0..9999) and
+            ``share_identifier``, declared by this provider.
 
     Raises:
         ValueError: a missing or malformed argument, an unknown queue or definition.

@@ -1,14 +1,16 @@
-"""cloudexec: AWS Batch and Azure Batch as ``concurrent.futures`` executors.
+"""cloudexec: batch services as ``concurrent.futures`` executors.
 
 Change one line::
 
-    from cloudexec import LocalBatchExecutor      # or AWSBatchExecutor, AzureBatchExecutor
+    from cloudexec import LocalBatchExecutor      # or a cloud provider's executor
     with LocalBatchExecutor(max_workers=4) as ex:
         print(list(ex.map(simulate, range(100))))
 
 Names are imported lazily so that the in-container runner
 (``python -m cloudexec.runner``), which imports this package, starts fast,
-and so that the cloud SDKs load only with their provider.
+and so that the cloud SDKs load only with their provider. Providers' names
+(their executors, futures and status tables) come from the provider
+registry, `cloudexec.providers`: this package names none of them.
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ if TYPE_CHECKING:
         SubmissionError,
         VersionMismatchError,
     )
-    from cloudexec.providers.aws import AWSBatchExecutor, AWSBatchFuture, AWSJobStatus
-    from cloudexec.providers.azure import AzureBatchExecutor, AzureBatchFuture, AzureJobStatus
-    from cloudexec.providers.local import LocalBatchExecutor, LocalJobStatus
+    from cloudexec.providers._builtin import *  # noqa: F403 - the registry's exports, for type checkers
     from cloudexec.settings import JobSettings
 
 _WHERE = {
@@ -52,25 +52,28 @@ _WHERE = {
     "StorageError": "cloudexec.errors",
     "SubmissionError": "cloudexec.errors",
     "VersionMismatchError": "cloudexec.errors",
-    "LocalBatchExecutor": "cloudexec.providers.local",
-    "LocalJobStatus": "cloudexec.providers.local",
-    "AWSBatchExecutor": "cloudexec.providers.aws",
-    "AWSBatchFuture": "cloudexec.providers.aws",
-    "AWSJobStatus": "cloudexec.providers.aws",
-    "AzureBatchExecutor": "cloudexec.providers.azure",
-    "AzureBatchFuture": "cloudexec.providers.azure",
-    "AzureJobStatus": "cloudexec.providers.azure",
 }
-
-__all__ = ["__version__", *_WHERE]
 
 
 def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cloudexec' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    if module is not None:
+        return getattr(importlib.import_module(module), name)
+    if name == "__all__":
+        # Listing every public name imports every registered provider: only
+        # ``from cloudexec import *`` and dir() ask for it.
+        from cloudexec.providers import exported_names
+
+        return ["__version__", *_WHERE, *exported_names()]
+    if name[:1].isupper():
+        from cloudexec.providers import find_export
+
+        try:
+            return find_export(name)
+        except AttributeError:
+            pass
+    raise AttributeError(f"module 'cloudexec' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted(__getattr__("__all__"))

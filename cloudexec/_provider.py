@@ -141,7 +141,7 @@ class Provider(ABC):
     """One batch service. Subclass it and implement the abstract verbs.
 
     Class attributes:
-        name: short name used in manifests (``"aws"``, ``"azure"``, ``"local"``).
+        name: short name used in manifests (``"local"``, a cloud service's short name).
         status_enum: the provider's `JobStatus` subclass.
         settings: job settings it honours, of those `cloudexec.settings` defines
             (a superset of the common ones).

@@ -176,9 +176,10 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store
     try:
         return FsspecStore(url, storage_options)
     except ImportError as exc:
+        protocol = url.split("://", 1)[0]
         raise StorageError(
-            f"cannot open storage {url!r}: {exc}. Install the driver for this URL "
-            "(pip install 'cloudexec[aws]' for s3://, 'cloudexec[azure]' for az://)."
+            f"cannot open storage {url!r}: {exc}. Install the fsspec driver for {protocol}:// "
+            "(the extra of the provider that stores there: pip install 'cloudexec[<provider>]')."
         ) from exc
 
 

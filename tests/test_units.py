@@ -3,14 +3,20 @@ and the generic executor driven by an in-process fake provider on ``memory://``.
 
 from __future__ import annotations
 
+import ast
 import os
+import re
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import cloudexec
 import jobs
 from cloudexec import BatchExecutor, JobInfo, JobSpec, Phase, Provider
 from cloudexec import _payload
@@ -349,3 +355,94 @@ def test_polls_go_on_while_many_submissions_go_out(monkeypatch: pytest.MonkeyPat
         assert [f.result(timeout=25) for f in futures] == [2 * i for i in range(40)]
     last_submit = len(events) - 1 - events[::-1].index("submit")
     assert "describe" in events[:last_submit], "no poll happened until every job was submitted"
+
+
+# -- the core names no provider ---------------------------------------------------------
+
+_CORE = Path(cloudexec.__file__).parent
+# Service names and their environment variables: only providers/ and testing/ may know them.
+_PROVIDER_WORDS = re.compile(r"AWS_BATCH|AZ_BATCH|(?i:(?<![a-z])(?:aws|azure))")
+
+
+def _code_words(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """Every identifier and string in ``tree``'s code, docstrings left out (comments never reach the AST)."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                docstrings.add(id(body[0].value))
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield line, node.value
+        elif isinstance(node, ast.Name):
+            yield line, node.id
+        elif isinstance(node, ast.Attribute):
+            yield line, node.attr
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield line, node.name
+        elif isinstance(node, ast.arg):
+            yield line, node.arg
+        elif isinstance(node, ast.alias):
+            yield line, node.name + " " + (node.asname or "")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "module", None):
+            yield line, str(getattr(node, "module"))
+
+
+@pytest.mark.parametrize(
+    "module", sorted([*(p.name for p in _CORE.glob("_*.py")), "runner.py", "settings.py"])
+)
+def test_core_modules_name_no_provider_in_code(module: str) -> None:
+    tree = ast.parse((_CORE / module).read_text(), module)
+    found = [f"{module}:{line}: {word!r}" for line, word in _code_words(tree) if _PROVIDER_WORDS.search(word)]
+    assert not found, "provider knowledge outside providers/:\n" + "\n".join(found)
+
+
+def test_the_provider_words_check_can_fail() -> None:
+    sample = 'import os\nos.environ.get("AWS_BATCH_JOB_ARRAY_INDEX")\nfrom cloudexec.providers.azure import X\n'
+    assert sorted(line for line, word in _code_words(ast.parse(sample)) if _PROVIDER_WORDS.search(word)) == [2, 3]
+    assert not [w for _, w in _code_words(ast.parse('"""Docs may say AWS."""\nx = "draws laws"\n'))
+                if _PROVIDER_WORDS.search(w)]
+
+
+# -- the provider registry --------------------------------------------------------------
+
+
+def test_public_provider_names_come_from_the_registry() -> None:
+    from cloudexec import providers
+
+    assert {"local", "aws", "azure"} <= set(providers.available())
+    assert cloudexec.LocalBatchExecutor is providers.load("local").LocalBatchExecutor
+    assert cloudexec.AWSJobStatus is providers.find_export("AWSJobStatus")
+    assert {"AzureBatchExecutor", "AzureBatchFuture", "LocalJobStatus", "BatchExecutor"} <= set(dir(cloudexec))
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchExecutor'"):
+        cloudexec.NoSuchExecutor  # noqa: B018
+    with pytest.raises(ValueError, match="no cloudexec provider is named 'nope'; registered: aws, azure"):
+        providers.load("nope")
+
+
+@pytest.mark.timeout(60)
+def test_a_provider_registers_with_an_entry_point(tmp_path: Path) -> None:
+    """An installed distribution's entry point adds a provider; its EXPORTS become cloudexec names."""
+    dist = tmp_path / "cloudexec_google-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cloudexec-google\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[cloudexec.providers]\ngoogle = cloudexec_google\n")
+    (tmp_path / "cloudexec_google.py").write_text(
+        "from cloudexec.testing.fake import FakeBatchExecutor as GoogleBatchExecutor\n"
+        "EXPORTS = ('GoogleBatchExecutor',)\n"
+    )
+    code = (
+        "import sys, cloudexec\n"
+        "from cloudexec import providers\n"
+        "assert 'cloudexec_google' not in sys.modules\n"
+        "assert providers.available()['google'] == 'cloudexec_google', providers.available()\n"
+        "assert 'cloudexec_google' not in sys.modules  # registered, not imported\n"
+        "from cloudexec import GoogleBatchExecutor\n"
+        "from cloudexec.testing.fake import FakeBatchExecutor\n"
+        "assert GoogleBatchExecutor is FakeBatchExecutor and 'GoogleBatchExecutor' in dir(cloudexec)\n"
+        "assert 'local' in providers.available()  # the built-ins stay\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(_CORE.parent)]))
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)

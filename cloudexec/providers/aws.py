@@ -39,6 +39,9 @@ from cloudexec.errors import CloudExecError, SubmissionError
 from cloudexec.settings import COMMON_SETTINGS, JobSettings, int_in, non_empty_str
 
 __all__ = ["AWSBatchExecutor", "AWSBatchFuture", "AWSArrayFuture", "AWSJobStatus", "AWSBatchProvider"]
+#: The names `cloudexec` itself exports from this provider (see `cloudexec.providers`).
+EXPORTS = ("AWSBatchExecutor", "AWSBatchFuture", "AWSJobStatus")
+
 
 LOG_GROUP = "/aws/batch/job"
 MAX_ARRAY_SIZE = 10_000

@@ -116,6 +116,9 @@ __all__ = [
     "DEFAULT_CONTAINER_IMAGE",
     "SINGLE_TASK_ID",
 ]
+#: The names `cloudexec` itself exports from this provider (see `cloudexec.providers`).
+EXPORTS = ("AzureBatchExecutor", "AzureBatchFuture", "AzureJobStatus")
+
 
 log = logging.getLogger("cloudexec")
 

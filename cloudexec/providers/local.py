@@ -42,6 +42,9 @@ from cloudexec.errors import SubmissionError
 from cloudexec.settings import COMMON_SETTINGS, JobSettings
 
 __all__ = ["LocalBatchExecutor", "LocalJobStatus", "LocalProvider"]
+#: The names `cloudexec` itself exports from this provider (see `cloudexec.providers`).
+EXPORTS = ("LocalBatchExecutor", "LocalJobStatus")
+
 
 OOM_REASON = "OutOfMemoryError: Container killed due to memory usage"
 LOST_REASON = "the client process that scheduled this local job exited before it could finish; resubmit it"

@@ -33,9 +33,9 @@ from azure.core.exceptions import ResourceNotFoundError  # noqa: E402
 from cloudexec._base import CANCEL_REASON  # noqa: E402
 from cloudexec.errors import CloudExecError, JobFailedError, StorageError, SubmissionError  # noqa: E402
 from cloudexec.providers import _azure_conventions as _conventions  # noqa: E402
+from cloudexec.providers._azure_describe import _REFRESH_PER_POLL  # noqa: E402
 from cloudexec.providers.azure import (  # noqa: E402
     DEFAULT_CONTAINER_IMAGE,
-    _REFRESH_PER_POLL,
     MAX_TASKS_PER_REQUEST,
     AzureArrayFuture,
     AzureBatchExecutor,

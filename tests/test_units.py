@@ -446,3 +446,15 @@ def test_a_provider_registers_with_an_entry_point(tmp_path: Path) -> None:
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(_CORE.parent)]))
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+
+
+def test_readme_layout_matches_the_tree() -> None:
+    root = _CORE.parent
+    block = (root / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    named = set(re.findall(r"(?<![\w>])[\w.]+\.py\b|\bpy\.typed\b", block))  # not test_<provider>.py
+    package = {p.name for p in _CORE.rglob("*") if p.suffix in (".py", ".typed") and "__pycache__" not in p.parts}
+    assert package - named == set(), "modules the Layout section leaves out"
+    others = {p.name for folder in ("tests", "benchmarks") for p in (root / folder).glob("*.py")}
+    assert named - package - others == set(), "the Layout section names files that do not exist"
+    for folder in re.findall(r"^(\w+)/", block, re.M):
+        assert (root / folder).is_dir(), folder

@@ -458,3 +458,8 @@ def test_readme_layout_matches_the_tree() -> None:
     assert named - package - others == set(), "the Layout section names files that do not exist"
     for folder in re.findall(r"^(\w+)/", block, re.M):
         assert (root / folder).is_dir(), folder
+
+
+def test_no_module_above_1200_lines() -> None:
+    sizes = {str(p.relative_to(_CORE)): len(p.read_text().splitlines()) for p in _CORE.rglob("*.py")}
+    assert not {name: n for name, n in sizes.items() if n > 1200}, "split these by concern, as providers/azure.py was"

@@ -463,3 +463,41 @@ def test_readme_layout_matches_the_tree() -> None:
 def test_no_module_above_1200_lines() -> None:
     sizes = {str(p.relative_to(_CORE)): len(p.read_text().splitlines()) for p in _CORE.rglob("*.py")}
     assert not {name: n for name, n in sizes.items() if n > 1200}, "split these by concern, as providers/azure.py was"
+
+
+# -- the runner's command-line contract with providers -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, environ, base, offset, index",
+    [
+        ("CLOUDEXEC_ARRAY_INDEX", {"CLOUDEXEC_ARRAY_INDEX": "4"}, 0, 0, 4),
+        ("JOB_INDEX", {"JOB_INDEX": "2"}, 0, 10_000, 10_002),  # one part of an array split in parts
+        ("TASK_ID", {"TASK_ID": "10000003"}, 10_000_001, 0, 2),  # ids that start elsewhere
+        ("TASK_ID", {}, 10_000_001, 0, None),
+        ("TASK_ID", {"TASK_ID": ""}, 0, 0, None),
+    ],
+)
+def test_array_index_from_env(name: str, environ: dict[str, str], base: int, offset: int, index: int | None) -> None:
+    from cloudexec.runner import array_index_from_env
+
+    assert array_index_from_env(name, base=base, offset=offset, environ=environ) == index
+
+
+@pytest.mark.parametrize(
+    "environ, base, match",
+    [({"I": "task-1"}, 0, "I='task-1' is not an array index"), ({"I": "5"}, 10, "below the first child's value 10")],
+)
+def test_array_index_from_env_rejects(environ: dict[str, str], base: int, match: str) -> None:
+    from cloudexec.runner import array_index_from_env
+
+    with pytest.raises(ValueError, match=match):
+        array_index_from_env("I", base=base, environ=environ)
+
+
+def test_a_capture_hook_that_cannot_start_costs_the_job_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    from cloudexec import runner
+
+    assert runner._start_capture("cloudexec_no_such_module:start") is None
+    assert "cannot start the output capture 'cloudexec_no_such_module:start'" in capsys.readouterr().err
+    assert runner._start_capture("cloudexec.settings:JobSettings") == JobSettings()  # module:callable is called

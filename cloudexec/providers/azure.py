@@ -87,7 +87,6 @@ single job, ``array:<jobId>/<size>`` for an array.
 from __future__ import annotations
 
 import datetime as _dt
-import logging
 import os
 import re
 import shlex
@@ -99,6 +98,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+from cloudexec._log import log
 from cloudexec import _conventions
 from cloudexec._base import ArrayFuture, BatchExecutor, BatchFuture
 from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
@@ -117,7 +117,6 @@ __all__ = [
     "SINGLE_TASK_ID",
 ]
 
-log = logging.getLogger("cloudexec")
 
 #: The runner image ``container/Dockerfile`` builds (``docker build … -t cloudexec:<major.minor>``).
 DEFAULT_CONTAINER_IMAGE = "cloudexec:" + ".".join(__version__.split(".")[:2])

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import logging
 import re
 import threading
 import time
@@ -33,6 +32,7 @@ from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from cloudexec._log import log
 from cloudexec import _keys, _payload
 from cloudexec._provider import JobInfo, JobStatus, Provider
 from cloudexec._storage import Store, open_store
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["BatchExecutor", "BatchFuture", "ArrayFuture"]
 
 T = TypeVar("T")
-log = logging.getLogger("cloudexec")
 
 CANCEL_REASON = "Terminated by cloudexec (future.cancel())"
 #: The runner's exit code when a stored call or input fails verification
@@ -145,8 +144,11 @@ class BatchFuture(Future[T], Generic[T]):
         self._outcomes: list[Any] | None = None
 
     def __repr__(self) -> str:
+        # Only what is known locally: a repr must never call the provider.
         base = super().__repr__()
-        return base[:-1] + f" job={self.job_id}>"
+        info = self._info
+        status = f" status={info.status}" if info is not None and info.status is not None else ""
+        return base[:-1] + f" job={self.job_id} provider={self._core.provider.name}{status}>"
 
     # -- identity ---------------------------------------------------------
     @property
@@ -539,6 +541,17 @@ class BatchExecutor(Executor):
         return self._core.store.url
 
     @property
+    def max_workers(self) -> int:
+        """Jobs in flight at once (an array job counts once)."""
+        return self._core.max_workers
+
+    @property
+    def _max_workers(self) -> int:
+        # The stdlib executors' attribute, which schedulers (e.g. joblib, dask's
+        # helpers) read off any executor to size the work they hand it.
+        return self._core.max_workers
+
+    @property
     def settings(self) -> JobSettings:
         """The job settings calls of this executor (or view) get."""
         return self._settings
@@ -760,11 +773,21 @@ class BatchExecutor(Executor):
         with core.shutdown_lock:
             if core.shutdown:
                 raise RuntimeError("cannot attach to jobs after shutdown")
-            core.manager.track(record)
+        core.manager.refresh(record)
+        if not (future.done() and all(child.done() for child in record.children)):
+            with core.shutdown_lock:
+                if core.shutdown:
+                    raise RuntimeError("cannot attach to jobs after shutdown")
+                core.manager.track(record)
         return future
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} provider={self._core.provider.name} io_url={self.io_url!r}>"
+        core = self._core
+        state = " shutdown" if core.shutdown else ""
+        return (
+            f"<{type(self).__name__} provider={core.provider.name} io_url={self.io_url!r} "
+            f"max_workers={core.max_workers}{state}>"
+        )
 
     def __reduce__(self) -> Any:
         raise TypeError(_NOT_PICKLABLE)
@@ -772,6 +795,7 @@ class BatchExecutor(Executor):
 
 def _map_results(array: ArrayFuture[Any], end_time: float | None) -> Iterator[Any]:
     children = array.children
+    consumed = False
     try:
         for child in children:
             remaining = None if end_time is None else end_time - time.monotonic()
@@ -784,8 +808,13 @@ def _map_results(array: ArrayFuture[Any], end_time: float | None) -> Iterator[An
                 continue
             for outcome in outcomes:
                 yield _payload.outcome_value(outcome)
+        consumed = True
     finally:
-        if not array.done():
+        # Only a map abandoned early (timeout, an item's exception, the iterator
+        # dropped) cancels the rest. Every child may have ended while the provider
+        # still reports the array running: terminating it then would mark a job
+        # that succeeded as failed.
+        if not consumed and not array.done():
             array.cancel()
 
 

@@ -11,13 +11,13 @@ from the provider's first to its longest poll interval while nothing changes.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError
 from typing import TYPE_CHECKING, Any
 
+from cloudexec._log import log
 from cloudexec import _keys, _payload
 from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
 from cloudexec._provider import JobInfo, JobSpec, Phase
@@ -27,7 +27,6 @@ from cloudexec.errors import CloudExecError, PayloadError, SubmissionError
 if TYPE_CHECKING:
     from cloudexec._base import _Core
 
-log = logging.getLogger("cloudexec")
 
 # A job the provider does not (yet, or any more) know, and that left no result,
 # is declared lost after this many polls and seconds: AWS DescribeJobs may not
@@ -80,6 +79,28 @@ class Manager:
             self.inflight[record.job_id] = record
             self._ensure_thread()
             self.cond.notify_all()
+
+    def refresh(self, record: _JobRecord) -> None:
+        """Bring a just-attached job's future up to date before anyone looks at it.
+
+        Without this an attached job that ended long ago reads ``pending`` until
+        the manager's next poll. Called before :meth:`track`, so no poll of this
+        record runs concurrently; any failure is left to the regular polls.
+        """
+        if record.ref is None:
+            return
+        try:
+            info = self.core.provider.describe([record.ref]).get(record.ref)
+            if info is not None:
+                self._update(record, info)
+            elif not record.is_array and self.job_store(record).exists(_payload.RESULT):
+                # Metadata expired at the provider, but the result is there.
+                self._finish_single(record, None)
+        except Exception as exc:  # noqa: BLE001 - the manager's polls retry
+            log.debug("cloudexec: first look at attached job %s failed: %s", record.job_id, exc)
+        finally:
+            with self.cond:
+                self._job_stores.pop(record.job_id, None)
 
     def wake(self) -> None:
         """Make the manager look at its queue now (after a cancel)."""

@@ -385,3 +385,10 @@ def test_python_in_command_line_is_this_interpreter(emu: AzureBatchEmulator, cli
     client.create_task(job_id, m.BatchTaskCreateOptions(id="t", command_line=py("import sys; print(sys.executable)")))
     wait_task(client, job_id, "t", "completed")
     assert read_file(client, job_id, "t", "stdout.txt").strip() == sys.executable
+
+
+def test_repr_names_the_endpoints_and_no_key(emu: AzureBatchEmulator) -> None:
+    text = repr(emu)
+    assert text.startswith(f"AzureBatchEmulator(batch_url={emu.batch_url!r}, blob_endpoint={emu.blob_endpoint!r}")
+    assert f"pool_id={emu.pool_id!r}" in text and f"slots={emu.slots}" in text
+    assert emu.account_key not in text and emu.storage_account_key not in text

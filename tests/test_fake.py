@@ -43,7 +43,7 @@ class TestFakeProviderContract(ProviderContract):
 
 @pytest.mark.timeout(30)
 def test_a_job_that_ends_without_a_result() -> None:
-    service = FakeBatchService(runner=lambda job_url, index: 3)  # "exits" 3, writes nothing
+    service = FakeBatchService(runner=lambda job_url, index, environ: 3)  # "exits" 3, writes nothing
     with FakeBatchExecutor(service=service) as ex:
         fut = ex.submit(jobs.double, 1)
         with pytest.raises(JobFailedError, match="exit code: 3") as info:

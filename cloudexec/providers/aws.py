@@ -475,6 +475,30 @@ class AWSArrayFuture(ArrayFuture[Any]):
     """An `ArrayFuture` of an AWS Batch array job (possibly split into parts)."""
 
 
+def _check_io_bucket(io_bucket: object) -> None:
+    """Refuses an ``io_bucket`` that S3 would refuse, naming the rule it breaks.
+
+    Raises:
+        ValueError: not an ``s3://bucket[/prefix]`` URL, or the bucket name
+            breaks S3's naming rules (3-63 characters; lowercase letters,
+            digits, dots and hyphens; a letter or digit at each end).
+    """
+    example = "such as 's3://my-bucket/cloudexec'"
+    if not isinstance(io_bucket, str) or not io_bucket.startswith("s3://"):
+        raise ValueError(f"io_bucket must be an s3:// URL {example}; got {io_bucket!r}")
+    bucket = io_bucket[len("s3://"):].split("/", 1)[0]
+    if not 3 <= len(bucket) <= 63:
+        raise ValueError(
+            f"io_bucket {io_bucket!r}: the bucket name {bucket!r} is {len(bucket)} character"
+            f"{'' if len(bucket) == 1 else 's'} long, but S3 bucket names are 3 to 63; use the name of an existing bucket, {example}"
+        )
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]*[a-z0-9]", bucket):
+        raise ValueError(
+            f"io_bucket {io_bucket!r}: the bucket name {bucket!r} is not a valid S3 bucket name "
+            f"(lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit), {example}"
+        )
+
+
 class AWSBatchExecutor(BatchExecutor):
     """Run calls as AWS Batch jobs; results travel through S3.
 
@@ -528,8 +552,7 @@ class AWSBatchExecutor(BatchExecutor):
         for name, value in (("job_queue", job_queue), ("job_definition", job_definition)):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{name} must be an AWS Batch {name.replace('_', ' ')} name or ARN; got {value!r}")
-        if not isinstance(io_bucket, str) or not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?", io_bucket):
-            raise ValueError(f"io_bucket must be an s3:// URL such as 's3://my-bucket/cloudexec'; got {io_bucket!r}")
+        _check_io_bucket(io_bucket)
         if not 2 <= max_array_size <= MAX_ARRAY_SIZE:
             raise ValueError(f"max_array_size must be from 2 to {MAX_ARRAY_SIZE}; got {max_array_size!r}")
         try:

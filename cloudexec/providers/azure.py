@@ -68,13 +68,13 @@ single job, ``array:<jobId>/<size>`` for an array.
 from __future__ import annotations
 
 import datetime as _dt
-import logging
 import os
 import re
 import shlex
 from collections.abc import Mapping
 from typing import Any, cast
 
+from cloudexec._log import log
 from cloudexec._base import ArrayFuture, BatchExecutor, BatchFuture
 from cloudexec._provider import JobInfo, JobSpec, Provider
 from cloudexec._version import __version__
@@ -108,7 +108,6 @@ __all__ = [
 EXPORTS = ("AzureBatchExecutor", "AzureBatchFuture", "AzureJobStatus")
 
 
-log = logging.getLogger("cloudexec")
 
 #: The runner image ``container/Dockerfile`` builds (``docker build … -t cloudexec:<major.minor>``).
 DEFAULT_CONTAINER_IMAGE = "cloudexec:" + ".".join(__version__.split(".")[:2])

@@ -49,6 +49,8 @@ EXPORTS = ("LocalBatchExecutor", "LocalJobStatus")
 OOM_REASON = "OutOfMemoryError: Container killed due to memory usage"
 LOST_REASON = "the client process that scheduled this local job exited before it could finish; resubmit it"
 _KILLED_EXIT = 128 + signal.SIGKILL  # what a container runtime reports for SIGKILL
+# Local jobs are plain processes: no container to blame in a failure's reason.
+_REASON_EXITED = "The job process exited with a non-zero exit code"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _SAMPLE_S = 0.02  # resident-memory sampling period while a memory limit applies
 
@@ -354,7 +356,7 @@ class _Scheduler:
                     self._launch_single(task)
                 except Exception as exc:  # noqa: BLE001 - report it as the job's failure
                     self.free_vcpus += job.vcpus
-                    task.reason = f"CannotStartContainerError: {type(exc).__name__}: {exc}"
+                    task.reason = f"Could not start the job process: {type(exc).__name__}: {exc}"
                     task.set(S.FAILED)
                     self._after_change(job)
             if not job.runnable:
@@ -410,7 +412,7 @@ class _Scheduler:
             os.close(write_fd)
             for task in list(job.runnable):
                 job.runnable.remove(task)
-                task.reason = f"CannotStartContainerError: {exc}"
+                task.reason = f"Could not start the job process: {exc}"
                 task.set(S.FAILED)
             self._after_change(job)
             return None
@@ -496,7 +498,7 @@ class _Scheduler:
             task.reason = task.kill_reason
             task.exit_code = _KILLED_EXIT
         elif code != 0:
-            task.reason = "Essential container in task exited"
+            task.reason = _REASON_EXITED
         if code == 0 and task.kill_reason is None:
             task.set(S.SUCCEEDED)
         elif task.attempts < job.max_attempts and not (task.kill_reason or "").startswith("Terminated"):
@@ -681,7 +683,7 @@ class LocalProvider(Provider):
         child_id = ref if index is None else f"{ref}:{index}"
         if ok:
             return JobInfo(status=S.SUCCEEDED, exit_code=0, provider_job_id=child_id)
-        return JobInfo(status=S.FAILED, exit_code=1, status_reason="Essential container in task exited", provider_job_id=child_id)
+        return JobInfo(status=S.FAILED, exit_code=1, status_reason=_REASON_EXITED, provider_job_id=child_id)
 
     def _describe_foreign(self, ref: str) -> JobInfo | None:
         state = self._read_state(ref)

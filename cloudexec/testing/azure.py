@@ -216,6 +216,18 @@ class AzureBatchEmulator:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        # No keys: a repr ends up in logs and test reports.
+        service = self._service
+        if service is None:
+            where = "not running"
+        else:
+            where = f"batch_url={service.url!r}, blob_endpoint={self.blob_endpoint!r}"
+        return (
+            f"AzureBatchEmulator({where}, pool_id={self.pool_id!r}, vm_size={self.vm_size!r}, "
+            f"slots={self.slots}, storage_url={self.storage_url!r})"
+        )
+
     def _running_service(self) -> AzureBatchService:
         if self._service is None:
             raise RuntimeError("the emulator is not running; use it inside `with azure_batch_emulator() as emu:`")

@@ -172,7 +172,9 @@ class FakeBatchService:
     Args:
         slots: attempts that run at once (threads).
         runner: what runs an attempt (default ``cloudexec.runner.run_job``);
-            takes the job URL and the array index, returns an exit code.
+            called as ``runner(job_url, index, environ)`` with the array index
+            (``None`` for a single job) and the job's environment (its signing
+            key among it); returns an exit code.
     """
 
     def __init__(self, slots: int = 8, runner: Any = None) -> None:
@@ -275,7 +277,7 @@ class FakeBatchService:
             _ROUTES[threading.get_ident()] = logs
             try:
                 if self._runner is not None:
-                    codes.append(self._runner(spec.job_url, task.index))
+                    codes.append(self._runner(spec.job_url, task.index, dict(spec.environment)))
                 else:
                     from cloudexec import runner
 

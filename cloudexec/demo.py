@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     print("attach it from another process:")
     attach = f"from cloudexec import LocalBatchExecutor as L; print(L(io_root={io_root!r}).attach({fut.job_id!r}).result())"
     print(f"  python -c {shlex.quote(attach)}")
+    print(f"  cloudexec --provider local --set io_root={shlex.quote(io_root)} status {fut.job_id}")
+    print(f"  cloudexec --provider local --set io_root={shlex.quote(io_root)} jobs")
 
 if __name__ == "__main__":
     main()

@@ -34,3 +34,10 @@ def test_readme_demo_runs_and_its_job_id_attaches(tmp_path: "os.PathLike[str]") 
     single = re.search(r"single job: (\S+)", out)
     assert single, out
     assert round(float(again.stdout), 3) == float(single.group(1))
+    # So does the printed `cloudexec ... status` command (run through the module the console script calls).
+    status = re.search(r"^  (cloudexec .* status .*)$", out, re.M)
+    assert status, out
+    argv = [sys.executable, "-m", "cloudexec.cli", *shlex.split(status.group(1))[1:]]
+    shown = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"job_status:\s+Succeeded", shown.stdout), shown.stdout

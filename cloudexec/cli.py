@@ -61,6 +61,7 @@ import click
 
 from cloudexec import _admin
 from cloudexec.errors import CloudExecError
+from cloudexec.providers import provider_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -132,8 +133,6 @@ def load_config(
     Raises:
         CLIError: an unreadable config file, an unknown profile or provider, or no provider at all.
     """
-    from cloudexec.providers import provider_names
-
     env = dict(os.environ if environ is None else environ)
     explicit = config_path or env.get("CLOUDEXEC_CONFIG")
     path = os.path.expanduser(explicit or DEFAULT_CONFIG)
@@ -196,15 +195,15 @@ def build_executor(config: Config) -> BatchExecutor:
     Raises:
         CLIError: the provider refused the arguments (the message names the source of each).
     """
-    from cloudexec.providers import executor_class
+    from cloudexec.providers import executor_class, stored_job_arguments
 
     cls = executor_class(config.provider)
-    if config.provider == "local" and "io_root" not in config.options:
-        # The local default is a temporary folder: it never holds an earlier job.
-        raise CLIError(
-            "the local provider needs the folder its jobs are stored in: set io_root in a profile, "
-            "CLOUDEXEC_IO_ROOT, or --set io_root=PATH"
-        )
+    for arg in stored_job_arguments(config.provider):
+        if arg not in config.options:
+            raise CLIError(
+                f"the {config.provider} provider needs {arg}, where its jobs are stored: set {arg} in a profile, "
+                f"CLOUDEXEC_{arg.upper()}, or --set {arg}=..."
+            )
     try:
         return cls(**config.options)
     except TypeError as exc:
@@ -293,7 +292,11 @@ def _wait_for_info(fut: BatchFuture[Any], timeout_s: float = 10.0) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", metavar="PATH", help=f"Config file (default {DEFAULT_CONFIG}, or $CLOUDEXEC_CONFIG).")
 @click.option("--profile", metavar="NAME", help="Profile of the config file to use (default: its `profile` key, or $CLOUDEXEC_PROFILE).")
-@click.option("--provider", metavar="NAME", help="Provider: local, aws or azure (default: the profile's, or $CLOUDEXEC_PROVIDER).")
+@click.option(
+    "--provider",
+    metavar="NAME",
+    help=f"Provider: {', '.join(provider_names())} (default: the profile's, or $CLOUDEXEC_PROVIDER).",
+)
 @click.option(
     "--set", "sets", metavar="ARG=VALUE", multiple=True, help="An executor argument, e.g. --set io_root=/data/jobs (repeatable)."
 )

@@ -157,7 +157,7 @@ def test_doctor_checks_everything_including_the_runner(stored: Stored) -> None:
     [
         (["jobs"], "no provider chosen: pass --provider"),
         (["--provider", "nimbus", "jobs"], "unknown provider 'nimbus'; choose one of: local, aws, azure"),
-        (["--provider", "local", "jobs"], "the local provider needs the folder"),
+        (["--provider", "local", "jobs"], "the local provider needs io_root, where its jobs are stored"),
         (["--provider", "local", "--set", "io_root=/tmp", "--set", "colour=blue", "jobs"], "colour"),
         (["--provider", "local", "--set", "io_root", "jobs"], "is not ARG=VALUE"),
         (["--profile", "lab", "jobs"], "no profile 'lab'"),

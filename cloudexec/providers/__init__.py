@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from cloudexec._base import BatchExecutor
 
-__all__ = ["executor_class", "provider_names"]
+__all__ = ["executor_class", "provider_names", "stored_job_arguments"]
 
 # name -> (module, executor class); a module imports its SDKs only when an
 # executor is built, and says which pip extra installs them if they are missing.
@@ -25,6 +25,17 @@ _EXECUTORS: dict[str, tuple[str, str]] = {
     "aws": ("cloudexec.providers.aws", "AWSBatchExecutor"),
     "azure": ("cloudexec.providers.azure", "AzureBatchExecutor"),
 }
+
+
+# Arguments a tool that looks after earlier jobs (the `cloudexec` command) must be
+# given even where the executor has a default: the local default storage is a new
+# temporary folder, which never holds an earlier job.
+_STORED_JOB_ARGUMENTS: dict[str, tuple[str, ...]] = {"local": ("io_root",)}
+
+
+def stored_job_arguments(name: str) -> tuple[str, ...]:
+    """Arguments of provider ``name``'s executor that locate earlier jobs and have no usable default."""
+    return _STORED_JOB_ARGUMENTS.get(name, ())
 
 
 def provider_names() -> list[str]:

@@ -75,6 +75,8 @@ __all__ = ["main", "cli", "load_config", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = os.path.join("~", ".config", "cloudexec", "config.toml")
 # Environment variables that are not executor arguments.
+# A job folder without a manifest younger than this may be a submission in progress.
+_UNFINISHED_GRACE = _dt.timedelta(hours=1)
 _RESERVED_ENV = {"CLOUDEXEC_CONFIG", "CLOUDEXEC_PROFILE", "CLOUDEXEC_PROVIDER", "CLOUDEXEC_KEY"}
 
 
@@ -461,11 +463,14 @@ def cleanup(older_than: str, status: str | None, delete: bool) -> None:
     Jobs that are queued or running are never touched.
     """
     age = _parse_age(older_than, "--older-than")
+    now = _dt.datetime.now(_dt.timezone.utc)
     ex = _state().executor()
     count = 0
     for entry in _admin.iter_jobs(ex, older_than=age):
         if not entry.ended or not entry.matches(status):
             continue
+        if entry.manifest is None and (entry.created is None or now - entry.created < _UNFINISHED_GRACE):
+            continue  # a submission may be writing it right now: its manifest comes last
         count += 1
         if delete:
             _admin.delete_job(ex, entry.job_id)

@@ -263,3 +263,17 @@ class TestAgainstAWSEmulator:
             assert res.exit_code == 0 and f"deleted {done.job_id}" in res.output, res.output
             res = run("doctor", "--no-job")
             assert res.exit_code == 0 and "ok   storage" in res.output and "skip runner" in res.output, res.output
+
+
+def test_cleanup_leaves_a_fresh_folder_without_manifest(tmp_path: Path) -> None:
+    # A submission writes call.pkl first and its manifest last: never delete in between.
+    stored = Stored(str(tmp_path / "io"))
+    import time
+
+    half = time.strftime("half-%Y%m%d-%H%M%S-0123abcd", time.gmtime(time.time() - 60))
+    os.makedirs(os.path.join(stored.root, half))
+    Path(stored.root, half, "call.pkl").write_bytes(b"x")
+    res = local(stored, "cleanup", "--older-than", "0s", "--yes")
+    assert res.exit_code == 0, res.output
+    assert os.path.exists(os.path.join(stored.root, half, "call.pkl"))
+    assert not os.path.exists(os.path.join(stored.root, stored.ids["ok"]))

@@ -54,6 +54,7 @@ import time
 import traceback
 import uuid
 from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeoutError  # not the builtin before 3.11
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -412,7 +413,7 @@ def result(job_id: str, output: str | None, timeout: float) -> None:
     fut = _attach(job_id)
     try:
         value = fut.result(timeout=timeout)
-    except TimeoutError:
+    except FutureTimeoutError:
         _fail(
             f"job {job_id} has not ended ({fut.job_status or 'status unknown'}); wait longer with --timeout 3600, "
             f"or watch it with cloudexec logs --follow {job_id}"
@@ -522,7 +523,7 @@ def doctor(no_job: bool, timeout: float) -> None:
         fut = ex.with_settings(job_name="cloudexec-doctor").submit(_admin.runner_versions)
         try:
             remote = fut.result(timeout=timeout)
-        except TimeoutError:
+        except FutureTimeoutError:
             fut.cancel()
             report(False, "runner", f"probe job {fut.job_id} did not end within {timeout:g} s ({fut.job_status}); "
                    "check that the queue/pool has capacity, or raise --timeout")

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -268,8 +269,6 @@ class TestAgainstAWSEmulator:
 def test_cleanup_leaves_a_fresh_folder_without_manifest(tmp_path: Path) -> None:
     # A submission writes call.pkl first and its manifest last: never delete in between.
     stored = Stored(str(tmp_path / "io"))
-    import time
-
     half = time.strftime("half-%Y%m%d-%H%M%S-0123abcd", time.gmtime(time.time() - 60))
     os.makedirs(os.path.join(stored.root, half))
     Path(stored.root, half, "call.pkl").write_bytes(b"x")
@@ -277,3 +276,22 @@ def test_cleanup_leaves_a_fresh_folder_without_manifest(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert os.path.exists(os.path.join(stored.root, half, "call.pkl"))
     assert not os.path.exists(os.path.join(stored.root, stored.ids["ok"]))
+
+
+@pytest.mark.timeout(120)
+def test_result_of_a_running_job_says_how_to_wait(tmp_path: Path) -> None:
+    root = str(tmp_path / "io")
+    with LocalBatchExecutor(io_root=root, max_workers=1) as ex:
+        running = ex.submit(J.nap, 60)
+        try:
+            # The manifest is written once the provider took the job; only then can another client find it.
+            for _ in range(600):
+                if os.path.exists(os.path.join(root, running.job_id, "job.json")):
+                    break
+                time.sleep(0.05)
+            res = run("--provider", "local", "--set", f"io_root={root}", "result", "--timeout", "0.5", running.job_id)
+            assert res.exit_code == 1, res.output
+            assert res.output.startswith(f"error: job {running.job_id} has not ended") and "--timeout" in res.output
+            assert len(res.output.strip().splitlines()) == 1
+        finally:
+            running.cancel()

@@ -295,3 +295,38 @@ def test_result_of_a_running_job_says_how_to_wait(tmp_path: Path) -> None:
             assert len(res.output.strip().splitlines()) == 1
         finally:
             running.cancel()
+
+
+def tick(n: int, pause_s: float) -> int:
+    """Prints a line every pause_s seconds: a log that grows while the job runs."""
+    for i in range(n):
+        print(f"tick {i}", flush=True)
+        time.sleep(pause_s)
+    return n
+
+
+@pytest.mark.timeout(120)
+def test_logs_follow_prints_a_growing_log_until_the_job_ends(tmp_path: Path) -> None:
+    root = str(tmp_path / "io")
+    with LocalBatchExecutor(io_root=root, max_workers=1) as ex:
+        fut = ex.submit(tick, 6, 0.3)
+        for _ in range(600):
+            if os.path.exists(os.path.join(root, fut.job_id, "job.json")):
+                break
+            time.sleep(0.05)
+        res = run("--provider", "local", "--set", f"io_root={root}", "logs", "--follow", "--interval", "0.1", fut.job_id)
+        assert res.exit_code == 0, res.output
+        assert res.output.splitlines() == [f"tick {i}" for i in range(6)]
+        assert fut.result(timeout=30) == 6
+
+
+def test_doctor_fails_on_a_runner_version_mismatch(stored: Stored, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloudexec._admin as admin
+
+    real = admin.client_versions()
+    monkeypatch.setattr(admin, "client_versions", lambda: dict(real, dill="0.0.1"))
+    res = local(stored, "doctor")
+    assert res.exit_code == 1, res.output
+    assert "FAIL runner:" in res.output and "rebuild the image" in res.output
+    res = local(stored, "doctor", "--no-job")
+    assert res.exit_code == 0 and "skip runner" in res.output

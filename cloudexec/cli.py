@@ -76,6 +76,8 @@ __all__ = ["main", "cli", "load_config", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = os.path.join("~", ".config", "cloudexec", "config.toml")
 # Environment variables that are not executor arguments.
+# Items of a per-child list `status` prints before it summarises.
+_LIST_SHOWN = 20
 # A job folder without a manifest younger than this may be a submission in progress.
 _UNFINISHED_GRACE = _dt.timedelta(hours=1)
 _RESERVED_ENV = {"CLOUDEXEC_CONFIG", "CLOUDEXEC_PROFILE", "CLOUDEXEC_PROVIDER", "CLOUDEXEC_KEY"}
@@ -372,6 +374,9 @@ def status(job_id: str, as_json: bool) -> None:
         click.echo(json.dumps(props, default=str))
         return
     for key, value in props.items():
+        if isinstance(value, list) and len(value) > _LIST_SHOWN:
+            # An array of thousands of children: the counts tell more than the whole list.
+            value = f"{value[:_LIST_SHOWN]} ... ({len(value)} in all; --json shows every one)"
         click.echo(f"{key + ':':<26} {value}")
 
 

@@ -330,3 +330,16 @@ def test_doctor_fails_on_a_runner_version_mismatch(stored: Stored, monkeypatch: 
     assert "FAIL runner:" in res.output and "rebuild the image" in res.output
     res = local(stored, "doctor", "--no-job")
     assert res.exit_code == 0 and "skip runner" in res.output
+
+
+def test_status_of_a_large_array_summarises_per_child_lists(tmp_path: Path) -> None:
+    stored_root = str(tmp_path / "io")
+    with LocalBatchExecutor(io_root=stored_root, max_workers=2) as ex:
+        arr = ex.submit_map(J.double, range(25))
+        arr.result(timeout=60)
+    res = run("--provider", "local", "--set", f"io_root={stored_root}", "status", arr.job_id)
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("child_job_exit_codes:"))
+    assert line.endswith("(25 in all; --json shows every one)")
+    res = run("--provider", "local", "--set", f"io_root={stored_root}", "status", "--json", arr.job_id)
+    assert json.loads(res.output)["child_job_exit_codes"] == [0] * 25

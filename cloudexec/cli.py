@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from cloudexec import _admin
+from cloudexec._version import __version__
 from cloudexec.errors import CloudExecError
 from cloudexec.providers import provider_names
 
@@ -75,11 +76,11 @@ if TYPE_CHECKING:
 __all__ = ["main", "cli", "load_config", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = os.path.join("~", ".config", "cloudexec", "config.toml")
-# Environment variables that are not executor arguments.
 # Items of a per-child list `status` prints before it summarises.
 _LIST_SHOWN = 20
 # A job folder without a manifest younger than this may be a submission in progress.
 _UNFINISHED_GRACE = _dt.timedelta(hours=1)
+# Environment variables that are not executor arguments.
 _RESERVED_ENV = {"CLOUDEXEC_CONFIG", "CLOUDEXEC_PROFILE", "CLOUDEXEC_PROVIDER", "CLOUDEXEC_KEY"}
 
 
@@ -306,10 +307,16 @@ def _wait_for_info(fut: BatchFuture[Any], timeout_s: float = 10.0) -> None:
     "--set", "sets", metavar="ARG=VALUE", multiple=True, help="An executor argument, e.g. --set io_root=/data/jobs (repeatable)."
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@click.version_option(package_name="cloudexec", prog_name="cloudexec")
+@click.version_option(version=__version__, prog_name="cloudexec")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, profile: str | None, provider: str | None, sets: tuple[str, ...], debug: bool) -> None:
-    """Look after cloudexec batch jobs: list, inspect, read logs and results, cancel, clean up, diagnose."""
+    """Look after cloudexec batch jobs: list, inspect, read logs and results, cancel, clean up, diagnose.
+
+    The executor's arguments come from a profile of the config file, then
+    CLOUDEXEC_<ARGUMENT> environment variables (CLOUDEXEC_IO_ROOT,
+    CLOUDEXEC_JOB_QUEUE...), then --set ARGUMENT=VALUE; a profile is a
+    [profiles.NAME] table with provider = "..." and the executor's arguments.
+    """
     overrides = {}
     for item in sets:
         key, sep, value = item.partition("=")

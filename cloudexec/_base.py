@@ -33,7 +33,7 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from cloudexec._log import log
-from cloudexec import _keys, _payload
+from cloudexec import _keys, _payload, _progress
 from cloudexec._provider import JobInfo, JobStatus, Provider
 from cloudexec._storage import Store, open_store
 from cloudexec._version import __version__
@@ -297,6 +297,7 @@ class ArrayFuture(BatchFuture[list[T]]):
 
     def __init__(self, core: _Core, record: _JobRecord) -> None:
         super().__init__(core, record, None)
+        self._progress: _progress.ProgressBar | None = None
         self._children_info: list[JobInfo | None] | None = None
         self._children_info_at = 0.0
 
@@ -601,13 +602,17 @@ class BatchExecutor(Executor):
         self._enqueue(record)
         return future
 
-    def submit_map(self, fn: Callable[..., T], *iterables: Iterable[Any], chunksize: int = 1) -> ArrayFuture[T]:
+    def submit_map(
+        self, fn: Callable[..., T], *iterables: Iterable[Any], chunksize: int = 1, progress: bool = False
+    ) -> ArrayFuture[T]:
         """Submit ``fn`` over the zipped iterables as ONE array job.
 
         Args:
             fn: the function, called as ``fn(*items)``.
             *iterables: argument iterables, consumed now (like ``map``).
             chunksize: items per array child.
+            progress: show a tqdm bar of the array's children (queued,
+                running, succeeded, failed) until it ends; needs ``tqdm``.
 
         Returns:
             An `ArrayFuture` whose result is the list of results, in order.
@@ -616,7 +621,9 @@ class BatchExecutor(Executor):
             RuntimeError: the executor was shut down.
             TypeError/ValueError: bad ``fn`` or ``chunksize``.
             PayloadError: the function or an argument cannot be pickled.
+            ImportError: ``progress=True`` without tqdm installed (nothing was submitted).
         """
+        tqdm_class = _progress.load_tqdm() if progress else None
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {fn!r} ({type(fn).__name__})")
         if isinstance(chunksize, bool) or not isinstance(chunksize, int):
@@ -661,6 +668,9 @@ class BatchExecutor(Executor):
             future._finish(result=[])
             return future
         self._enqueue(record)
+        if tqdm_class is not None:
+            future._progress = _progress.ProgressBar(future, self._core.provider.status_enum, tqdm_class)
+            future._progress.start()
         return future
 
     def _enqueue(self, record: _JobRecord) -> None:
@@ -675,16 +685,18 @@ class BatchExecutor(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        progress: bool = False,
     ) -> Iterator[T]:
         """Like ``ProcessPoolExecutor.map``, as one array job.
 
         Results are yielded in order; a call's exception is raised when the
         iteration reaches it; ``TimeoutError`` if a result is not ready
         ``timeout`` seconds after this call. Leaving the loop early cancels
-        what has not finished.
+        what has not finished. ``progress=True`` shows a tqdm bar (see
+        `submit_map`).
         """
         end_time = None if timeout is None else timeout + time.monotonic()
-        array = self.submit_map(fn, *iterables, chunksize=chunksize)
+        array = self.submit_map(fn, *iterables, chunksize=chunksize, progress=progress)
         return _map_results(array, end_time)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -816,6 +828,9 @@ def _map_results(array: ArrayFuture[Any], end_time: float | None) -> Iterator[An
         # that succeeded as failed.
         if not consumed and not array.done():
             array.cancel()
+        if array._progress is not None:
+            # Let the bar draw its last state before the caller prints anything.
+            array._progress.join(timeout=2.0)
 
 
 # Fields of a manifest that attach relies on, and the types they must have.

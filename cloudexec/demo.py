@@ -1,13 +1,20 @@
-"""The README demo: ``python -m cloudexec.demo``.
+"""The README demo: ``python -m cloudexec.demo [IO_ROOT]``.
 
-Runs on `LocalBatchExecutor` (local processes, a temporary folder for
-storage), so it needs no cloud account. Swap the executor class for
-`AWSBatchExecutor` or `AzureBatchExecutor` and the same code runs in the cloud.
+Runs on `LocalBatchExecutor` (local processes), so it needs no cloud account.
+Swap the executor class for `AWSBatchExecutor` or `AzureBatchExecutor` and the
+same code runs in the cloud.
+
+The jobs' storage is a folder that outlives the demo (``IO_ROOT``, default
+``$XDG_CACHE_HOME/cloudexec/demo``, i.e. ``~/.cache/cloudexec/demo``), so the
+job id it prints can really be attached from another process afterwards.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shlex
+import sys
 
 from cloudexec import LocalBatchExecutor
 
@@ -20,9 +27,18 @@ def simulate(n: int, seed: int = 0) -> float:
     return 4.0 * hits / 20_000
 
 
-def main() -> None:
+def default_io_root() -> str:
+    """Where the demo keeps its jobs: a folder in the user's cache directory."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "cloudexec", "demo")
+
+
+def main(argv: list[str] | None = None) -> None:
     """Submit one job, map over 100 items, run one array job, and use settings."""
-    with LocalBatchExecutor(max_workers=4) as ex:
+    args = sys.argv[1:] if argv is None else argv
+    io_root = os.path.abspath(args[0]) if args else default_io_root()
+    os.makedirs(io_root, exist_ok=True)
+    with LocalBatchExecutor(io_root=io_root, max_workers=4) as ex:
         fut = ex.submit(simulate, 3, seed=1)
         print("single job:", round(fut.result(), 3), fut.job_status, "exit", fut.job_exit_code)
         print("  its log:", (fut.job_log or "").strip())
@@ -33,8 +49,12 @@ def main() -> None:
         print("  child 0 log:", (arr.children[0].job_log or "").strip())
         big = ex.with_settings(vcpus=2, memory="2 GiB", timeout=600, retries=2)
         print("with settings:", round(big.submit(simulate, 99).result(), 3))
-        print("job id (attachable):", fut.job_id)
-
+    print(f"jobs stored under {io_root}; job id {fut.job_id}")
+    print("attach it from another process:")
+    attach = f"from cloudexec import LocalBatchExecutor as L; print(L(io_root={io_root!r}).attach({fut.job_id!r}).result())"
+    print(f"  python -c {shlex.quote(attach)}")
+    print(f"  cloudexec --provider local --set io_root={shlex.quote(io_root)} status {fut.job_id}")
+    print(f"  cloudexec --provider local --set io_root={shlex.quote(io_root)} jobs")
 
 if __name__ == "__main__":
     main()

@@ -23,11 +23,24 @@ from __future__ import annotations
 import importlib
 import threading
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloudexec.providers._builtin import BUILTIN
 
-__all__ = ["GROUP", "BUILTIN", "available", "load", "exported_names", "find_export"]
+if TYPE_CHECKING:
+    from cloudexec._base import BatchExecutor
+
+__all__ = [
+    "GROUP",
+    "BUILTIN",
+    "available",
+    "load",
+    "exported_names",
+    "find_export",
+    "executor_class",
+    "provider_names",
+    "stored_job_arguments",
+]
 
 #: The entry-point group providers register under.
 GROUP = "cloudexec.providers"
@@ -101,3 +114,35 @@ def __getattr__(name: str) -> Any:
         return find_export(name)
     except AttributeError:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def provider_names() -> list[str]:
+    """The registered providers' names, e.g. ``["local", "aws", "azure"]``."""
+    return list(available())
+
+
+def executor_class(name: str) -> type[BatchExecutor]:
+    """The executor class of the provider called ``name`` (the `BatchExecutor` it exports).
+
+    Raises:
+        ValueError: no provider has that name, or it exports no executor.
+    """
+    from cloudexec._base import BatchExecutor
+
+    module = load(name)
+    for export in getattr(module, "EXPORTS", ()):
+        found = getattr(module, export, None)
+        if isinstance(found, type) and issubclass(found, BatchExecutor):
+            return found
+    raise ValueError(f"the cloudexec provider {name!r} ({module.__name__}) exports no BatchExecutor in EXPORTS")
+
+
+def stored_job_arguments(name: str) -> tuple[str, ...]:
+    """Arguments of provider ``name``'s executor that locate earlier jobs and have no usable default.
+
+    A tool that looks after earlier jobs (the ``cloudexec`` command) must be
+    given them: e.g. the local provider's default storage is a new temporary
+    folder, which never holds an earlier job. A provider lists them in its
+    module's ``STORED_JOB_ARGUMENTS``.
+    """
+    return tuple(getattr(load(name), "STORED_JOB_ARGUMENTS", ()))

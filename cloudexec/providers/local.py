@@ -44,6 +44,9 @@ from cloudexec.settings import COMMON_SETTINGS, JobSettings
 __all__ = ["LocalBatchExecutor", "LocalJobStatus", "LocalProvider"]
 #: The names `cloudexec` itself exports from this provider (see `cloudexec.providers`).
 EXPORTS = ("LocalBatchExecutor", "LocalJobStatus")
+#: Executor arguments that locate earlier jobs and have no usable default (see `cloudexec.providers.stored_job_arguments`):
+#: the default io_root is a new temporary folder, which never holds an earlier job.
+STORED_JOB_ARGUMENTS = ("io_root",)
 
 
 OOM_REASON = "OutOfMemoryError: Container killed due to memory usage"

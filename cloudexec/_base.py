@@ -772,6 +772,7 @@ class BatchExecutor(Executor):
 
 def _map_results(array: ArrayFuture[Any], end_time: float | None) -> Iterator[Any]:
     children = array.children
+    consumed = False
     try:
         for child in children:
             remaining = None if end_time is None else end_time - time.monotonic()
@@ -784,8 +785,15 @@ def _map_results(array: ArrayFuture[Any], end_time: float | None) -> Iterator[An
                 continue
             for outcome in outcomes:
                 yield _payload.outcome_value(outcome)
+        consumed = True
     finally:
-        if not array.done():
+        # Only an iterator left before its end (closed, collected, or raising
+        # at an item) cancels what remains, as the stdlib's map does. A fully
+        # consumed one has every result, while the provider may still report
+        # the array running for seconds (AWS's status lags its containers, and
+        # Azure uploads logs after the result): cancelling then would fail a
+        # successful array and cut its log uploads.
+        if not consumed and not array.done():
             array.cancel()
 
 

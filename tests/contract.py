@@ -337,6 +337,22 @@ class ExecutorContract:
         assert arr.job_status is not None and arr.job_status.phase is Phase.SUCCEEDED
 
     @pytest.mark.timeout(60)
+    def test_fully_consumed_map_cancels_nothing(self, make_executor: MakeExecutor,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        ex = make_executor()
+        cancels: list[tuple[Any, ...]] = []
+        real_cancel = ex.provider.cancel
+
+        def recording_cancel(*args: Any, **kwargs: Any) -> None:
+            cancels.append(args)
+            real_cancel(*args, **kwargs)
+
+        monkeypatch.setattr(ex.provider, "cancel", recording_cancel)
+        assert list(ex.map(jobs.double, range(3))) == [0, 2, 4]
+        ex.shutdown(wait=True)
+        assert cancels == []
+
+    @pytest.mark.timeout(60)
     def test_one_item_map(self, make_executor: MakeExecutor) -> None:
         ex = make_executor()
         assert list(ex.map(jobs.double, [21])) == [42]

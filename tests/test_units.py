@@ -323,3 +323,51 @@ def test_polls_go_on_while_many_submissions_go_out(monkeypatch: pytest.MonkeyPat
         assert [f.result(timeout=25) for f in futures] == [2 * i for i in range(40)]
     last_submit = len(events) - 1 - events[::-1].index("submit")
     assert "describe" in events[:last_submit], "no poll happened until every job was submitted"
+
+
+class LaggingProvider(FakeProvider):
+    """Reports an ended job as still running for ``lag_s`` (AWS reports a job ended seconds after its result
+    exists), and records every cancel."""
+
+    def __init__(self, lag_s: float) -> None:
+        super().__init__()
+        self.lag_s = lag_s
+        self.ended_at: dict[str, float] = {}
+        self.cancels: list[tuple[str, int | None]] = []
+
+    def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
+        import dataclasses
+
+        infos = super().describe(refs)
+        now = time.monotonic()
+        for ref, info in infos.items():
+            if info.status is not None and info.status.terminal:
+                if now - self.ended_at.setdefault(ref, now) < self.lag_s:
+                    infos[ref] = dataclasses.replace(info, status=FakeJobStatus.RUNNING, exit_code=None)
+        return infos
+
+    def cancel(self, ref: str, reason: str, *, index: int | None = None) -> None:
+        self.cancels.append((ref, index))
+        super().cancel(ref, reason, index=index)
+
+
+# -- map: only an abandoned iterator cancels -------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_fully_consumed_map_cancels_nothing_while_the_status_lags() -> None:
+    provider = LaggingProvider(lag_s=1.5)
+    with BatchExecutor(provider, f"memory://lag-{time.time_ns()}") as ex:
+        for _ in range(3):
+            assert list(ex.map(jobs.double, range(4))) == [0, 2, 4, 6]
+    assert provider.cancels == []
+
+
+@pytest.mark.timeout(30)
+def test_abandoned_map_cancels_what_remains() -> None:
+    provider = LaggingProvider(lag_s=0.0)
+    with BatchExecutor(provider, f"memory://abandon-{time.time_ns()}") as ex:
+        results = ex.map(jobs.nap, [0.0, 20.0])
+        next(results)
+        results.close()  # the caller left the loop early
+        assert len(provider.cancels) == 1

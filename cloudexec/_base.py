@@ -250,28 +250,43 @@ class BatchFuture(Future[T], Generic[T]):
         Returns:
             False if the job already finished, True otherwise. Never raises.
         """
-        with self._condition:
-            if self._state == FINISHED:
-                return False
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return True
-            self._state = CANCELLED
-            self._condition.notify_all()
-        # The stdlib tells waiters (wait/as_completed) only when the executor
-        # later calls set_running_or_notify_cancel; do it now so they wake.
-        self.set_running_or_notify_cancel()
+        changed = self._cancel_state()
+        if changed is None:
+            return False
+        if not changed:
+            return True  # cancelled before: idempotent
         self._invoke_callbacks()  # type: ignore[attr-defined]  # the stdlib's own hook
         self._core.on_cancel(self)
         return True
 
+    def _cancel_state(self) -> bool | None:
+        """Move to CANCELLED_AND_NOTIFIED from PENDING or RUNNING.
+
+        Returns:
+            True if this call cancelled the future, False if it was cancelled
+            before, None if it had already FINISHED.
+
+        One hold of the future's own (reentrant) condition covers the whole
+        change: the manager marking the future running can never come between
+        the cancel and the notification (that window made ``cancel()`` raise
+        ``RuntimeError`` now and then).
+        """
+        with self._condition:
+            if self._state == FINISHED:
+                return None
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return False
+            self._state = CANCELLED
+            # The stdlib tells waiters (wait/as_completed) only when the executor
+            # calls set_running_or_notify_cancel; do it now so they wake.
+            self.set_running_or_notify_cancel()
+            self._condition.notify_all()
+            return True
+
     def _mark_running(self) -> None:
         with self._condition:
-            if self._state != PENDING:
-                return
-        try:
-            self.set_running_or_notify_cancel()
-        except RuntimeError:  # lost a race with cancel(); nothing to do
-            pass
+            if self._state == PENDING:
+                self.set_running_or_notify_cancel()
 
     def _finish(self, *, result: Any = None, exception: BaseException | None = None) -> None:
         self._mark_running()
@@ -360,12 +375,9 @@ class ArrayFuture(BatchFuture[list[T]]):
                 return False
         cancelled = super().cancel()
         for child in self._record.children:
-            Future.cancel(child)  # local state only: the array was cancelled as a whole
-            if child.cancelled():
-                try:
-                    child.set_running_or_notify_cancel()
-                except RuntimeError:
-                    pass
+            # Local state only: the array was cancelled at the provider as a whole.
+            if child._cancel_state() is True:
+                child._invoke_callbacks()  # type: ignore[attr-defined]  # the stdlib's own hook
         return cancelled
 
 

@@ -371,3 +371,70 @@ def test_abandoned_map_cancels_what_remains() -> None:
         next(results)
         results.close()  # the caller left the loop early
         assert len(provider.cancels) == 1
+
+
+# -- cancel() never raises ---------------------------------------------------------------
+
+
+def _queued_future(ex: BatchExecutor) -> Any:
+    """A future of a job that is never dispatched (no manager involved)."""
+    from cloudexec._base import BatchFuture, _JobRecord
+
+    record = _JobRecord(job_id="race-1", store=ex._core.store, name="race", settings=ex.settings, size=None)
+    return BatchFuture(ex._core, record)
+
+
+def test_cancel_does_not_raise_when_the_manager_marks_the_future_running_meanwhile() -> None:
+    from concurrent.futures import Future
+
+    with BatchExecutor(FakeProvider(), f"memory://race-{time.time_ns()}") as ex:
+        fut = _queued_future(ex)
+        real = fut.set_running_or_notify_cancel
+
+        def manager_step() -> None:
+            try:
+                Future.set_running_or_notify_cancel(fut)
+            except RuntimeError:
+                pass  # the manager's side may lose; cancel() must not
+
+        def racing() -> bool:
+            # The manager thread acts right in the middle of cancel().
+            other = threading.Thread(target=manager_step)
+            other.start()
+            other.join(0.3)
+            return bool(real())
+
+        fut.set_running_or_notify_cancel = racing
+        assert fut.cancel() is True
+        assert fut.cancelled()
+
+
+def test_cancel_and_mark_running_race_many_times() -> None:
+    import sys
+
+    with BatchExecutor(FakeProvider(), f"memory://races-{time.time_ns()}") as ex:
+        futures = [_queued_future(ex) for _ in range(3000)]
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(2)
+
+        def run(step: Any) -> None:
+            barrier.wait()
+            for fut in futures:
+                try:
+                    step(fut)
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=run, args=(step,)) for step in (lambda f: f._mark_running(),
+                                                                               lambda f: f.cancel())]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(old)
+        assert errors == []
+        assert all(f.cancelled() or f.running() for f in futures)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -389,6 +390,44 @@ _NOT_PICKLABLE = (
 )
 
 
+#: Default of the executors' ``give_up_s``: ride out a few minutes of API or storage outage.
+DEFAULT_GIVE_UP_S = 300.0
+_MAX_GIVE_UP_S = 7 * 24 * 3600.0
+_MAX_POLL_INTERVAL_S = 3600.0
+
+
+def _check_seconds(name: str, value: object, most: float, shown: object = None) -> float:
+    """``value`` as seconds in ``(0, most]``; TypeError/ValueError naming the bad value otherwise."""
+    shown = value if shown is None else shown
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds; got {shown!r} ({type(value).__name__})")
+    if not math.isfinite(value) or not 0 < value <= most:
+        raise ValueError(f"{name} must be above 0 and at most {most:g} seconds; got {shown!r}")
+    return float(value)
+
+
+def check_poll_interval(value: object) -> tuple[float, float]:
+    """A valid ``poll_interval_s`` pair ``(first, longest)``, as floats.
+
+    Raises:
+        TypeError: not a pair of numbers (the message shows the value).
+        ValueError: a pause not in ``(0, 3600]`` s (0 would busy-spin), or
+            ``first > longest``.
+    """
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(
+            f"poll_interval_s must be a pair (first, longest) of seconds, like (1.0, 10.0); got {value!r}"
+        )
+    first = _check_seconds("poll_interval_s[0] (first pause)", value[0], _MAX_POLL_INTERVAL_S, value)
+    longest = _check_seconds("poll_interval_s[1] (longest pause)", value[1], _MAX_POLL_INTERVAL_S, value)
+    if first > longest:
+        raise ValueError(
+            f"poll_interval_s={value!r}: the first pause ({first:g} s) must not exceed the longest ({longest:g} s); "
+            "polls start at the first and back off to the longest"
+        )
+    return first, longest
+
+
 def _default_name(fn: Callable[..., Any]) -> str:
     target = getattr(fn, "func", fn)  # functools.partial
     return str(getattr(target, "__name__", None) or type(target).__name__)
@@ -416,6 +455,8 @@ class _Core:
         max_workers: int,
         poll_interval_s: tuple[float, float],
         keys: _keys.KeyRing,
+        *,
+        give_up_s: float = 300.0,
     ) -> None:
         from cloudexec._poller import Manager
 
@@ -423,6 +464,7 @@ class _Core:
         self.store = store
         self.keys = keys
         self.max_workers = max_workers
+        self.give_up_s = give_up_s
         self.shutdown_lock = threading.Lock()
         self.shutdown = False
         self.manager: Manager = Manager(self, poll_interval_s)
@@ -490,7 +532,13 @@ class BatchExecutor(Executor):
         storage_options: fsspec options for ``io_url``.
         max_workers: jobs in flight at once (an array job counts once);
             default: the provider's.
-        poll_interval_s: (first, longest) pause between status polls.
+        poll_interval_s: (first, longest) pause between status polls, in
+            seconds, each above 0 and at most 3600; default: the provider's.
+        give_up_s: how long the manager keeps retrying a job whose status or
+            result it cannot read (the provider's API or the storage keep
+            failing) before it ends the job's futures with
+            `JobUnreachableError`; a few failures in a row never do. Above 0,
+            at most a week; default 300.
         key: the master key that signs calls and verifies results (one key,
             or a list newest first while rotating); default: the
             ``CLOUDEXEC_KEY`` environment variable, else the key file
@@ -499,7 +547,10 @@ class BatchExecutor(Executor):
         **settings: default job settings (see `cloudexec.settings`).
 
     Raises:
-        ValueError: ``max_workers <= 0``, a bad setting value or a short key.
+        ValueError: ``max_workers <= 0``, a ``poll_interval_s`` or
+            ``give_up_s`` out of range, a bad setting value or a short key.
+        TypeError: a ``max_workers``, ``poll_interval_s`` or ``give_up_s``
+            of the wrong type, or an unknown setting.
         TypeError: an unknown setting.
         StorageError: ``io_url`` cannot be written.
         PermissionError: the key file is readable by others.
@@ -517,20 +568,23 @@ class BatchExecutor(Executor):
         storage_options: dict[str, Any] | None = None,
         max_workers: int | None = None,
         poll_interval_s: tuple[float, float] | None = None,
+        give_up_s: float = DEFAULT_GIVE_UP_S,
         key: str | bytes | list[str | bytes] | None = None,
         **settings: Any,
     ) -> None:
         if max_workers is None:
             max_workers = provider.default_max_workers
         if isinstance(max_workers, bool) or not isinstance(max_workers, int):
-            raise TypeError(f"max_workers must be an int; got {max_workers!r}")
+            raise TypeError(f"max_workers must be an int (jobs in flight at once, 1 or more); got {max_workers!r}")
         if max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+            raise ValueError(f"max_workers must be greater than 0 (jobs in flight at once); got {max_workers!r}")
+        intervals = check_poll_interval(poll_interval_s if poll_interval_s is not None else provider.poll_interval_s)
+        give_up_s = _check_seconds("give_up_s", give_up_s, _MAX_GIVE_UP_S)
         self._settings = self._validate(provider, settings)
         store = open_store(io_url, storage_options)
         _probe_storage(store)
         keys = _keys.load_keys(key)
-        self._core = _Core(provider, store, max_workers, poll_interval_s or provider.poll_interval_s, keys)
+        self._core = _Core(provider, store, max_workers, intervals, keys, give_up_s=give_up_s)
         self._provider = provider
 
     @staticmethod

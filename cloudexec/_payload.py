@@ -229,9 +229,23 @@ def open_result(keys: Sequence[bytes], job_id: str, index: int | None, data: byt
             another job or child, or carries module source.
         VersionMismatchError, PayloadError: as `unpack`.
     """
+    return load_result(job_id, verify_result(keys, job_id, index, data))
+
+
+def verify_result(keys: Sequence[bytes], job_id: str, index: int | None, data: bytes) -> bytes:
+    """Verify a stored result object; returns its envelope, still pickled (see `open_result`).
+
+    Raises:
+        IntegrityError: unsigned, truncated, tampered with or copied (a
+            half-written object fails here too).
+    """
     from cloudexec import _keys
 
-    body = _keys.open_sealed(keys, "result", job_id, index, data, what=result_key(index))
+    return _keys.open_sealed(keys, "result", job_id, index, data, what=result_key(index))
+
+
+def load_result(job_id: str, body: bytes) -> list[Outcome]:
+    """Unpickle a verified result envelope (see `open_result`)."""
     header, outcomes = unpack(body, where="client")
     if header.get("kind") != "result" or not isinstance(outcomes, list):
         raise PayloadError(f"the result of job {job_id} is not a list of outcomes (kind {header.get('kind')!r})")

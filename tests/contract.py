@@ -377,6 +377,12 @@ class ExecutorContract:
             ex.with_settings(memory="lots")
         with pytest.raises(ValueError, match="max_workers must be greater than 0"):
             make_executor(max_workers=0)
+        with pytest.raises(TypeError, match="poll_interval_s must be a pair .*got 5"):
+            make_executor(poll_interval_s=5)
+        with pytest.raises(ValueError, match=r"poll_interval_s.*got \(0, 0\)"):
+            make_executor(poll_interval_s=(0, 0))
+        with pytest.raises(ValueError, match="give_up_s must be above 0"):
+            make_executor(give_up_s=-1)
 
     @pytest.mark.timeout(60)
     def test_with_settings_view_shares_the_executor(self, make_executor: MakeExecutor) -> None:

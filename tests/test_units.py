@@ -438,3 +438,30 @@ def test_cancel_and_mark_running_race_many_times() -> None:
             sys.setswitchinterval(old)
         assert errors == []
         assert all(f.cancelled() or f.running() for f in futures)
+
+
+# -- constructor arguments ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"poll_interval_s": 5}, TypeError, r"poll_interval_s must be a pair .*got 5"),
+        ({"poll_interval_s": (1, 2, 3)}, TypeError, r"got \(1, 2, 3\)"),
+        ({"poll_interval_s": (0, 0)}, ValueError, r"above 0 and at most 3600 seconds; got \(0, 0\)"),
+        ({"poll_interval_s": (-1, 5)}, ValueError, r"got \(-1, 5\)"),
+        ({"poll_interval_s": (5, 1)}, ValueError, r"first pause \(5 s\) must not exceed the longest \(1 s\)"),
+        ({"poll_interval_s": (1, float("nan"))}, ValueError, r"at most 3600 seconds; got \(1, nan\)"),
+        ({"poll_interval_s": ("1", 2)}, TypeError, r"number of seconds; got \('1', 2\)"),
+        ({"max_workers": 0}, ValueError, r"max_workers must be greater than 0 .*got 0"),
+        ({"max_workers": 2.5}, TypeError, r"max_workers must be an int .*got 2.5"),
+        ({"give_up_s": 0}, ValueError, r"give_up_s must be above 0 .*got 0"),
+        ({"give_up_s": float("inf")}, ValueError, r"give_up_s .*got inf"),
+        ({"give_up_s": "1m"}, TypeError, r"give_up_s must be a number of seconds; got '1m'"),
+    ],
+)
+def test_constructor_arguments_are_validated_showing_the_value(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        BatchExecutor(FakeProvider(), f"memory://args-{time.time_ns()}", **kwargs)

@@ -97,6 +97,14 @@ class _JobRecord:
         self.missing_polls = 0
         self.first_missing: float | None = None
         self.attached = False  # re-attached jobs take no worker slot
+        # Failed attempts in a row to learn the job's state (describe or a
+        # storage read raising), since when, and the last error.
+        self.failures = 0
+        self.failing_since: float | None = None
+        self.last_error = ""
+        # Result objects that failed verification, by child index (None: a
+        # single job): when first seen so, and their size then.
+        self.unverified: dict[int | None, tuple[float, int]] = {}
 
     @property
     def is_array(self) -> bool:

@@ -22,7 +22,7 @@ from cloudexec import _keys, _payload
 from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
 from cloudexec._provider import JobInfo, JobSpec, Phase
 from cloudexec._storage import Store
-from cloudexec.errors import CloudExecError, PayloadError, SubmissionError
+from cloudexec.errors import CloudExecError, IntegrityError, JobUnreachableError, PayloadError, SubmissionError
 
 if TYPE_CHECKING:
     from cloudexec._base import _Core
@@ -36,6 +36,15 @@ _MISSING_POLLS = 5
 _MISSING_S = 30.0
 # Longest stretch the manager spends submitting before it polls again.
 _DISPATCH_SLICE_S = 1.0
+# A job is given up only after this many failed polls in a row AND the
+# executor's give_up_s: a few transient faults never fail a future.
+_MIN_FAILURES = 3
+# A result object that fails verification is read again for this long (and
+# while its size changes) before it is refused: on fsspec filesystems whose
+# writes are not atomic a reader can see a half-written object.
+_SETTLE_S = 3.0
+# What `_read_outcomes` returns for a result object that is not settled yet.
+_UNSETTLED = object()
 
 
 def _naming_the_job(exc: BaseException, job_id: str) -> BaseException:
@@ -257,14 +266,63 @@ class Manager:
             infos = provider.describe([r.ref for r in records if r.ref is not None])
         except Exception as exc:  # noqa: BLE001 - a passing API fault must not kill the poller
             log.warning("cloudexec: describing %d jobs failed (will retry): %s", len(records), exc)
-            return False
+            return self._poll_storage_only(records, exc)
         changed = False
         for record in records:
             try:
                 changed |= self._update(record, infos.get(record.ref or ""))
             except Exception as exc:  # noqa: BLE001
                 log.warning("cloudexec: updating job %s failed (will retry): %s", record.job_id, exc)
+                changed |= self._failed(record, exc)
+            else:
+                record.failures, record.failing_since = 0, None
         return changed
+
+    def _poll_storage_only(self, records: list[_JobRecord], error: Exception) -> bool:
+        """The provider cannot be asked: deliver the successful results storage already holds."""
+        changed = False
+        for record in records:
+            try:
+                if record.is_array:
+                    changed |= self._collect_children(record, final=False)
+                    if all(c.done() for c in record.children) and not future_done(record):
+                        self._finish_array(record)
+                    if future_done(record):
+                        self._drop(record)
+                        changed = True
+                        continue
+                else:
+                    outcomes = self._read_outcomes(record, None)
+                    if isinstance(outcomes, list) and all(o[0] == "ok" for o in outcomes):
+                        self._finish_single(record, None)
+                        self._drop(record)
+                        changed = True
+                        continue
+            except Exception as exc:  # noqa: BLE001 - counted like the describe failure
+                error = exc
+            changed |= self._failed(record, error)
+        return changed
+
+    def _failed(self, record: _JobRecord, error: BaseException) -> bool:
+        """Count a failed attempt to learn a job's state; give the job up once the budget is spent."""
+        now = time.monotonic()
+        record.failures += 1
+        if record.failing_since is None:
+            record.failing_since = now
+        record.last_error = f"{type(error).__name__}: {error}"
+        waited = now - record.failing_since
+        if record.failures < _MIN_FAILURES or waited < self.core.give_up_s:
+            return False
+        log.error("cloudexec: giving up job %s after %d failures: %s", record.job_id, record.failures, error)
+        for future in [*record.children, record.future]:
+            if future is not None and not future.done():
+                future._finish(
+                    exception=JobUnreachableError(
+                        future.job_id, reason=record.last_error, failures=record.failures, waited_s=waited
+                    )
+                )
+        self._drop(record)
+        return True
 
     def _drop(self, record: _JobRecord) -> None:
         with self.cond:
@@ -289,10 +347,9 @@ class Manager:
             future._mark_running()
         if record.is_array:
             changed |= self._collect_children(record, final=info.terminal)
-            if info.terminal:
+            if info.terminal and future_done(record):
                 self._drop(record)
-        elif info.terminal:
-            self._finish_single(record, info)
+        elif info.terminal and self._finish_single(record, info):
             self._drop(record)
             changed = True
         return changed
@@ -309,13 +366,16 @@ class Manager:
                 self._drop(record)
                 return True
         elif store.exists(_payload.RESULT):
-            self._finish_single(record, None)
-            self._drop(record)
-            return True
+            if self._finish_single(record, None):
+                self._drop(record)
+                return True
+            return False
         waited = time.monotonic() - record.first_missing
         if record.missing_polls >= _MISSING_POLLS and waited >= _MISSING_S:
             if record.is_array:
                 self._collect_children(record, final=True, infos=[])
+                if not future_done(record):
+                    return False  # a result object is still settling
             else:
                 assert record.future is not None
                 record.future._finish(exception=job_failed(record, None, None, self.core.provider))
@@ -323,21 +383,46 @@ class Manager:
             return True
         return False
 
-    def _read_outcomes(self, record: _JobRecord, index: int | None) -> list[Any] | BaseException | None:
-        """A stored result, verified before it is unpickled (or the error refusing it)."""
+    def _read_outcomes(self, record: _JobRecord, index: int | None) -> Any:
+        """A stored result, verified before it is unpickled.
+
+        Returns:
+            Its list of outcomes; ``None`` if there is none; the error refusing
+            it; or ``_UNSETTLED`` while an object that fails verification may
+            still be being written.
+
+        Raises:
+            Exception: the storage failed (the caller counts it and retries).
+        """
         try:
             data = self.job_store(record).read(_payload.result_key(index))
         except FileNotFoundError:
             return None
         try:
-            return _payload.open_result(self.core.keys.job_keys(record.job_id), record.job_id, index, data)
+            body = _payload.verify_result(self.core.keys.job_keys(record.job_id), record.job_id, index, data)
+        except IntegrityError as exc:
+            now = time.monotonic()
+            first, size = record.unverified.get(index, (now, -1))
+            if size != len(data):  # first seen, or still growing: a write in progress
+                record.unverified[index] = (now, len(data))
+                return _UNSETTLED
+            if now - first < min(_SETTLE_S, self.core.give_up_s):
+                return _UNSETTLED
+            record.unverified.pop(index, None)
+            return exc
+        record.unverified.pop(index, None)
+        try:
+            return _payload.load_result(record.job_id, body)
         except CloudExecError as exc:
             return exc
 
-    def _finish_single(self, record: _JobRecord, info: JobInfo | None) -> None:
+    def _finish_single(self, record: _JobRecord, info: JobInfo | None) -> bool:
+        """Set a single job's future from its stored result; False while that result settles."""
         future = record.future
         assert future is not None
         outcomes = self._read_outcomes(record, None)
+        if outcomes is _UNSETTLED:
+            return False
         if isinstance(outcomes, BaseException):
             future._finish(exception=_naming_the_job(outcomes, record.job_id))
         elif outcomes:
@@ -350,6 +435,7 @@ class Manager:
                 future._finish(result=value)
         else:
             future._finish(exception=job_failed(record, None, info, self.core.provider))
+        return True
 
     def _collect_children(
         self,
@@ -377,7 +463,7 @@ class Manager:
             if index in record.deferred and not (final or accept_errors):
                 continue  # a failed child's result: re-read only once the array ended
             outcomes = self._read_outcomes(record, index)
-            if outcomes is None:
+            if outcomes is None or outcomes is _UNSETTLED:
                 continue
             if isinstance(outcomes, list) and not (final or accept_errors) and any(o[0] != "ok" for o in outcomes):
                 record.deferred.add(index)
@@ -385,7 +471,9 @@ class Manager:
             self._finish_child(record, index, outcomes)
             changed = True
         if final:
-            missing = [i for i in range(len(record.children)) if i not in record.children_done]
+            missing = [
+                i for i in range(len(record.children)) if i not in record.children_done and i not in record.unverified
+            ]
             if missing:
                 if infos is None:
                     infos = self.core.describe_children(record) or []

@@ -27,7 +27,7 @@ import pytest
 
 import jobs
 from cloudexec import ArrayFuture, BatchExecutor, BatchFuture, Phase
-from cloudexec.errors import JobFailedError, PayloadError, RemoteTraceback
+from cloudexec.errors import JobFailedError, JobUnreachableError, PayloadError, RemoteTraceback
 
 MakeExecutor = Callable[..., BatchExecutor]
 
@@ -254,6 +254,20 @@ class ExecutorContract:
         wait_until(lambda: all(s is not None and s.terminal for s in arr.child_job_statuses), self.cancel_timeout_s)
         reasons = arr.child_job_status_reasons
         assert all("cloudexec" in (r or "") for r in reasons), reasons
+
+    @pytest.mark.timeout(60)
+    def test_describe_failing_for_good_ends_the_future(self, make_executor: MakeExecutor,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+        ex = make_executor(give_up_s=0.5)
+
+        def unreachable(refs: Any) -> Any:
+            raise ConnectionError("the batch service is unreachable")
+
+        monkeypatch.setattr(ex.provider, "describe", unreachable)
+        fut = ex.submit(jobs.nap, 3)
+        with pytest.raises(JobUnreachableError, match="the batch service is unreachable") as info:
+            fut.result(timeout=30)
+        assert info.value.job_id == fut.job_id and "attach" in str(info.value)
 
     # -- the crash matrix -----------------------------------------------------------
     # Every way a call can end badly. Each ends its future with a specific

@@ -465,3 +465,133 @@ def test_constructor_arguments_are_validated_showing_the_value(
 ) -> None:
     with pytest.raises(error, match=message):
         BatchExecutor(FakeProvider(), f"memory://args-{time.time_ns()}", **kwargs)
+
+
+# -- nothing waits forever -------------------------------------------------------------------
+
+
+class FailingProvider(FakeProvider):
+    """``describe`` raises for its next ``fail_next`` calls (-1: for good)."""
+
+    def __init__(self, service: FakeBatchService | None = None) -> None:
+        super().__init__()
+        if service is not None:
+            self.service = service
+        self.fail_next = 0
+        self.failed = 0
+
+    def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
+        if self.fail_next:
+            self.fail_next -= 1 if self.fail_next > 0 else 0
+            self.failed += 1
+            raise ConnectionError("connection reset by peer")
+        return super().describe(refs)
+
+
+def _no_result_service() -> FakeBatchService:
+    """A service whose jobs end (exit 3) without writing any result."""
+    return FakeBatchService(runner=lambda job_url, index: 3)
+
+
+@pytest.mark.timeout(30)
+def test_describe_failing_for_good_ends_the_futures_with_a_clear_error() -> None:
+    from cloudexec.errors import JobUnreachableError
+
+    provider = FailingProvider(_no_result_service())
+    provider.fail_next = -1
+    ex = BatchExecutor(provider, f"memory://unreachable-{time.time_ns()}", give_up_s=0.3)
+    fut = ex.submit(jobs.double, 1)
+    arr = ex.submit_map(jobs.double, [1, 2])
+    with pytest.raises(JobUnreachableError) as info:
+        fut.result(timeout=20)
+    err = info.value
+    assert err.job_id == fut.job_id and "ConnectionError: connection reset by peer" in str(err)
+    assert f"executor.attach({fut.job_id!r})" in str(err) and err.failures >= 3
+    with pytest.raises(JobUnreachableError, match=arr.job_id):
+        arr.result(timeout=20)
+    assert all(isinstance(c.exception(0), JobUnreachableError) for c in arr.children)
+    started = time.monotonic()
+    ex.shutdown(wait=True)
+    print(f"shutdown took {time.monotonic() - started:.2f} s; {provider.failed} failed describes")
+
+
+@pytest.mark.timeout(30)
+def test_a_few_failed_describes_in_a_row_fail_nothing() -> None:
+    provider = FailingProvider(_no_result_service())
+    with BatchExecutor(provider, f"memory://transient-{time.time_ns()}", give_up_s=0.2,
+                       poll_interval_s=(0.01, 0.02)) as ex:
+        provider.fail_next = 2  # fewer than the failures needed to give up, whatever the time
+        fut = ex.submit(jobs.double, 1)
+        with pytest.raises(JobFailedError, match="exit code: 3"):  # the job's own outcome, not a give-up
+            fut.result(timeout=20)
+    assert provider.failed == 2
+
+
+@pytest.mark.timeout(30)
+def test_result_read_failing_for_good_ends_the_future(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudexec.errors import JobUnreachableError
+
+    real_read = FsspecStore.read
+
+    def denied(self: FsspecStore, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        if key.endswith(_payload.RESULT) or key.startswith(_payload.RESULTS_DIR):
+            raise PermissionError("403 Forbidden: the credentials expired")
+        return real_read(self, key, start, end)
+
+    monkeypatch.setattr(FsspecStore, "read", denied)
+    with BatchExecutor(FakeProvider(), f"memory://denied-{time.time_ns()}", give_up_s=0.3) as ex:
+        fut = ex.submit(jobs.double, 1)
+        with pytest.raises(JobUnreachableError, match="PermissionError: 403 Forbidden") as info:
+            fut.result(timeout=20)
+        assert info.value.job_id == fut.job_id
+
+
+def _write_result_then(restore_after_s: float | None) -> Any:
+    """A runner that writes the real result, leaves a truncated copy in its place, and puts the whole one
+    back ``restore_after_s`` later (``None``: never): a write that is not atomic, seen half-way."""
+    from cloudexec import runner
+
+    def run(job_url: str, index: int | None, environ: dict[str, str]) -> int:
+        code = runner.run_job(job_url, index=index, environ=environ)
+        store = open_store(job_url)
+        whole = store.read(_payload.RESULT)
+        store.write(_payload.RESULT, whole[: len(whole) // 2])
+        if restore_after_s is not None:
+            threading.Timer(restore_after_s, store.write, (_payload.RESULT, whole)).start()
+        return code
+
+    return run
+
+
+class _EnvRunnerService(FakeBatchService):
+    """Passes each job's environment (its key) to ``runner``."""
+
+    def __init__(self, runner: Any) -> None:
+        super().__init__()
+        self._env_runner = runner
+
+    def submit(self, spec: JobSpec) -> str:
+        self._runner = lambda job_url, index: self._env_runner(job_url, index, spec.environment)
+        return super().submit(spec)
+
+
+@pytest.mark.timeout(30)
+def test_a_half_written_result_is_read_again_until_whole() -> None:
+    service = _EnvRunnerService(_write_result_then(0.5))
+    with BatchExecutor(FakeProvider(), f"memory://half-{time.time_ns()}") as ex:
+        ex._core.provider.service = service  # type: ignore[attr-defined]
+        assert ex.submit(jobs.double, 21).result(timeout=20) == 42
+
+
+@pytest.mark.timeout(30)
+def test_a_result_that_stays_truncated_is_refused_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloudexec._poller as poller
+    from cloudexec.errors import IntegrityError
+
+    monkeypatch.setattr(poller, "_SETTLE_S", 0.3)
+    service = _EnvRunnerService(_write_result_then(None))  # the rest never comes
+    with BatchExecutor(FakeProvider(), f"memory://trunc-{time.time_ns()}") as ex:
+        ex._core.provider.service = service  # type: ignore[attr-defined]
+        fut = ex.submit(jobs.double, 21)
+        with pytest.raises(IntegrityError, match="truncated|signature does not match"):
+            fut.result(timeout=20)

@@ -29,6 +29,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
@@ -476,7 +477,11 @@ class _Core:
         self.shutdown_lock = threading.Lock()
         self.shutdown = False
         self.manager: Manager = Manager(self, poll_interval_s)
-        self.attached: dict[str, BatchFuture[Any]] = {}
+        # The future of every job this executor follows, by job id, so that
+        # attach() hands back the same object (weak: a future nobody holds,
+        # of a job that ended, is not kept).
+        self.futures: weakref.WeakValueDictionary[str, BatchFuture[Any]] = weakref.WeakValueDictionary()
+        self.futures_lock = threading.Lock()
 
     def __reduce__(self) -> Any:
         raise TypeError(_NOT_PICKLABLE)
@@ -728,6 +733,9 @@ class BatchExecutor(Executor):
         with self._core.shutdown_lock:
             if self._core.shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            assert record.future is not None
+            with self._core.futures_lock:
+                self._core.futures[record.job_id] = record.future
             self._core.manager.enqueue(record)
 
     def map(
@@ -787,28 +795,43 @@ class BatchExecutor(Executor):
         match = re.fullmatch(r"(.+)\[(\d+)\]", job_id)
         index = int(match.group(2)) if match else None
         base_id = _payload.check_job_id(match.group(1) if match else job_id)
-        manifest = _read_manifest(core, base_id)
-        if manifest is None:
-            url = core.provider.find_job_url(base_id)
-            if url is not None:
-                found = url.rstrip("/").rsplit("/", 1)[-1]
-                manifest = _read_manifest(core, _payload.check_job_id(found, what="the provider's job folder"))
-        if manifest is None:
-            raise JobNotFoundError(
-                f"no job {job_id!r} under {core.store.url}: no manifest job.json there and the "
-                f"{core.provider.name} provider does not know it. Check the id and that this "
-                "executor uses the same io storage as the one that submitted the job."
-            )
-        cached = core.attached.get(manifest["job_id"])
-        if cached is None:
-            cached = self._track_attached(manifest)
+        # A job this executor already follows keeps its one future (a second
+        # one would leave the first never resolving).
+        future = core.futures.get(base_id)
+        manifest = None
+        if future is None:
+            manifest = _read_manifest(core, base_id)
+            if manifest is None:
+                url = core.provider.find_job_url(base_id)
+                if url is not None:
+                    found = _payload.check_job_id(url.rstrip("/").rsplit("/", 1)[-1], what="the provider's job folder")
+                    future = core.futures.get(found)
+                    if future is None:
+                        manifest = _read_manifest(core, found)
+        if future is None:
+            if manifest is None:
+                raise JobNotFoundError(
+                    f"no job {job_id!r} under {core.store.url}: no manifest job.json there and the "
+                    f"{core.provider.name} provider does not know it. Check the id and that this "
+                    "executor uses the same io storage as the one that submitted the job."
+                )
+            future = self._track_attached(manifest)
         if index is None:
-            return cached
-        if not isinstance(cached, ArrayFuture) or not 0 <= index < cached.size:
-            raise JobNotFoundError(f"job {manifest['job_id']} has no array child {index}")
-        return cached.children[index]
+            return future
+        if not isinstance(future, ArrayFuture) or not 0 <= index < future.size:
+            raise JobNotFoundError(f"job {future.job_id} has no array child {index}")
+        return future.children[index]
 
     def _track_attached(self, manifest: dict[str, Any]) -> BatchFuture[Any]:
+        core = self._core
+        with core.futures_lock:
+            # Two threads attaching at once: the second gets the first one's future.
+            existing = core.futures.get(manifest["job_id"])
+            if existing is not None:
+                return existing
+            return self._new_attached(manifest)
+
+    def _new_attached(self, manifest: dict[str, Any]) -> BatchFuture[Any]:
         core = self._core
         is_array = manifest.get("kind") == "array"
         record = _JobRecord(
@@ -830,11 +853,11 @@ class BatchExecutor(Executor):
         else:
             future = self.future_class(core, record)
         record.future = future
-        core.attached[record.job_id] = future
         with core.shutdown_lock:
             if core.shutdown:
                 raise RuntimeError("cannot attach to jobs after shutdown")
             core.manager.track(record)
+        core.futures[record.job_id] = future
         return future
 
     def __repr__(self) -> str:

@@ -500,6 +500,16 @@ class ExecutorContract:
         if fut.provider_job_id:
             assert other.attach(fut.provider_job_id).result(timeout=60) == 42
 
+    @pytest.mark.timeout(60)
+    def test_attach_of_a_tracked_job_returns_the_same_future(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        fut = ex.submit(jobs.double, 21)
+        arr = ex.submit_map(jobs.double, [1, 2])
+        assert ex.attach(fut.job_id) is fut
+        assert ex.attach(arr.job_id) is arr and ex.attach(f"{arr.job_id}[1]") is arr.children[1]
+        assert fut.result(timeout=45) == 42 and arr.result(timeout=45) == [2, 4]
+        assert ex.attach(fut.job_id) is fut
+
     def test_attach_unknown_id(self, make_executor: MakeExecutor) -> None:
         from cloudexec.errors import JobNotFoundError
 

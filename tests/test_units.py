@@ -595,3 +595,52 @@ def test_a_result_that_stays_truncated_is_refused_in_bounded_time(monkeypatch: p
         fut = ex.submit(jobs.double, 21)
         with pytest.raises(IntegrityError, match="truncated|signature does not match"):
             fut.result(timeout=20)
+
+
+# -- attach of a tracked job ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_attach_of_a_job_the_executor_follows_returns_its_future() -> None:
+    with BatchExecutor(FakeProvider(), f"memory://same-{time.time_ns()}", max_workers=1) as ex:
+        running = ex.submit(jobs.nap, 0.5)
+        queued = ex.submit(jobs.double, 2)  # not handed to the provider yet: no manifest
+        arr = ex.submit_map(jobs.double, [1, 2])
+        assert ex.attach(running.job_id) is running
+        assert ex.attach(queued.job_id) is queued
+        assert ex.attach(arr.job_id) is arr and ex.attach(f"{arr.job_id}[1]") is arr.children[1]
+        assert queued.result(timeout=20) == 4 and arr.result(timeout=20) == [2, 4]
+        assert ex.attach(running.provider_job_id or "") is running
+
+
+@pytest.mark.timeout(30)
+def test_two_threads_attaching_at_once_get_one_future() -> None:
+    provider = FakeProvider()
+    io_url = f"memory://twice-{time.time_ns()}"
+    with BatchExecutor(provider, io_url) as ex:
+        job_id = ex.submit(jobs.nap, 0.3).job_id
+        deadline = time.monotonic() + 10
+        while not ex._core.store.exists(f"{job_id}/{_payload.MANIFEST}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with BatchExecutor(provider, io_url) as other:
+            barrier = threading.Barrier(8)
+            got: list[Any] = []
+
+            def attach() -> None:
+                barrier.wait()
+                got.append(other.attach(job_id))
+
+            import sys
+
+            old = sys.getswitchinterval()
+            sys.setswitchinterval(1e-6)  # interleave the attaching threads as much as possible
+            try:
+                threads = [threading.Thread(target=attach) for _ in range(8)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+            finally:
+                sys.setswitchinterval(old)
+            assert len(got) == 8 and all(f is got[0] for f in got)
+            assert got[0].result(timeout=20)[1] > 0

@@ -4,9 +4,9 @@ How a call travels (the manager is one thread per executor)::
 
     submit(fn, *args)                      manager thread                      provider / cloud
     ─────────────────                      ──────────────                      ────────────────
-    validate, pickle the call  ──queue──►  write call.pkl to storage
+    validate, pickle the call  ──queue──►  write call.pkl, job.json (manifest)
     return BatchFuture (PENDING)           provider.submit(JobSpec)  ────────►  job queued
-                                           write job.json (manifest)
+                                           job.json again, with the provider's id
                                            every poll: provider.describe(all
                                            jobs in flight, bulk) ◄──────────── statuses
                                            list results/ of arrays             runner writes
@@ -98,6 +98,7 @@ class _JobRecord:
         self.missing_polls = 0
         self.first_missing: float | None = None
         self.attached = False  # re-attached jobs take no worker slot
+        self.manifest_pending = False  # the provider's id is not in the stored manifest yet
         # Failed attempts in a row to learn the job's state (describe or a
         # storage read raising), since when, and the last error.
         self.failures = 0

@@ -5,7 +5,9 @@ Layout of one job, below the executor's storage root (``io_url``)::
     <io_url>/<job_id>/
         job.json          manifest: what the job is (kind, size, function,
                           settings, provider and its job id, versions); written
-                          once the provider accepted the job, so any tool can
+                          BEFORE the job is handed to the provider (so attach
+                          finds every job that may run) and again with the
+                          provider's id once it accepted the job; any tool can
                           find out what a prefix holds from its id alone
         call.pkl          envelope: (fn, args, kwargs) for a single job, or
                           (fn, None, None) for an array job

@@ -208,6 +208,12 @@ class Manager:
                         fut._finish(exception=exc)
         return progressed
 
+    def _write_manifest(self, record: _JobRecord) -> None:
+        manifest = _keys.sign_manifest(
+            self.core.keys.job_key(record.job_id), record.job_id, record.manifest(self.core.provider.name)
+        )
+        self.job_store(record).write(_payload.MANIFEST, json.dumps(manifest, indent=1).encode())
+
     def _submit(self, record: _JobRecord) -> None:
         provider = self.core.provider
         store = self.job_store(record)
@@ -216,6 +222,10 @@ class Manager:
             store.write(_payload.CALL, record.call)
             if record.inputs is not None:
                 store.write(_payload.INPUTS, record.inputs)
+            # The manifest goes first: once the provider has the job it may run,
+            # and attach() must find it from then on, even if this client dies
+            # before it learns the provider's id (written just below).
+            self._write_manifest(record)
             spec = JobSpec(
                 job_id=record.job_id,
                 job_url=store.url,
@@ -244,10 +254,9 @@ class Manager:
                 pass
             raise
         record.call = record.inputs = None  # free the client's memory
-        manifest = _keys.sign_manifest(
-            self.core.keys.job_key(record.job_id), record.job_id, record.manifest(provider.name)
-        )
-        store.write(_payload.MANIFEST, json.dumps(manifest, indent=1).encode())
+        # From here on the job exists at the provider: nothing may fail its future
+        # as if nothing had been submitted.
+        self._record_provider_ref(record)
         if record.future is not None and record.future.cancelled():
             # cancel() ran while we were submitting: it could not reach the job then.
             try:
@@ -255,19 +264,73 @@ class Manager:
             except Exception as exc:  # noqa: BLE001
                 log.warning("cloudexec: could not cancel job %s: %s", record.job_id, exc)
 
+    def _record_provider_ref(self, record: _JobRecord) -> None:
+        """Rewrite the manifest with the provider's id; retried at every poll until it is stored."""
+        try:
+            self._write_manifest(record)
+        except Exception as exc:  # noqa: BLE001 - the job runs anyway; attach falls back on storage
+            record.manifest_pending = True
+            log.warning(
+                "cloudexec: job %s was handed to the provider, but recording its provider id in %s failed "
+                "(will retry): %s",
+                record.job_id,
+                _payload.MANIFEST,
+                exc,
+            )
+        else:
+            record.manifest_pending = False
+
+    def _learn_ref(self, record: _JobRecord) -> bool:
+        """A job attached before its submitter recorded the provider's id: look again, else use storage.
+
+        Returns whether its future changed.
+        """
+        try:
+            raw = self.job_store(record).read(_payload.MANIFEST)
+            data = json.loads(raw)
+            _keys.verify_manifest(self.core.keys.job_keys(record.job_id), record.job_id, data)
+            ref = data.get("provider_ref")
+            if isinstance(ref, str):
+                record.ref = ref
+                return False
+            if record.is_array:
+                changed = self._collect_children(record, final=False)
+                if all(c.done() for c in record.children):
+                    self._finish_array(record)
+                    self._drop(record)
+                    return True
+                if changed:
+                    return True
+            elif self.job_store(record).exists(_payload.RESULT) and self._finish_single(record, None):
+                self._drop(record)
+                return True
+            raise LookupError(
+                f"the manifest of job {record.job_id} names no provider job yet: its submitting client has not "
+                "recorded the provider's id (it may have stopped right after handing the job over), and the job "
+                "has stored no result"
+            )
+        except Exception as exc:  # noqa: BLE001 - counted, bounded by give_up_s
+            return self._failed(record, exc)
+
     # -- poll ------------------------------------------------------------------
     def _poll(self) -> bool:
+        changed = False
         with self.cond:
             records = [r for r in self.inflight.values() if r.ref is not None]
+            unknown = [r for r in self.inflight.values() if r.ref is None and r.attached]
+        for record in unknown:
+            changed |= self._learn_ref(record)
+        for record in records:
+            if record.manifest_pending:
+                self._record_provider_ref(record)
         if not records:
-            return False
+            return changed
         provider = self.core.provider
         try:
             infos = provider.describe([r.ref for r in records if r.ref is not None])
         except Exception as exc:  # noqa: BLE001 - a passing API fault must not kill the poller
             log.warning("cloudexec: describing %d jobs failed (will retry): %s", len(records), exc)
-            return self._poll_storage_only(records, exc)
-        changed = False
+            return self._poll_storage_only(records, exc) or changed
         for record in records:
             try:
                 changed |= self._update(record, infos.get(record.ref or ""))

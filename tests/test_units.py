@@ -644,3 +644,53 @@ def test_two_threads_attaching_at_once_get_one_future() -> None:
                 sys.setswitchinterval(old)
             assert len(got) == 8 and all(f is got[0] for f in got)
             assert got[0].result(timeout=20)[1] > 0
+
+
+# -- attach finds every job that may run --------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_job_is_attachable_before_the_provider_can_start_it() -> None:
+    io_url = f"memory://early-{time.time_ns()}"
+    provider = FakeProvider()
+    attached: list[Any] = []
+    with BatchExecutor(provider, io_url) as other:
+        submit = provider.submit
+
+        def submit_and_attach(spec: JobSpec) -> str:
+            # The job may start as soon as the provider has it: another client attaches right then.
+            attached.append(other.attach(spec.job_id))
+            return submit(spec)
+
+        provider.submit = submit_and_attach  # type: ignore[method-assign]
+        with BatchExecutor(provider, io_url) as ex:
+            fut = ex.submit(jobs.double, 21)
+            assert fut.result(timeout=20) == 42
+        assert len(attached) == 1 and attached[0].result(timeout=20) == 42
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_manifest_update_after_submission_does_not_fail_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    provider = FakeProvider()
+    real_write = FsspecStore.write
+    submitted: list[str] = []
+    submit = provider.submit
+
+    def recording_submit(spec: JobSpec) -> str:
+        submitted.append(spec.job_id)
+        return submit(spec)
+
+    def flaky_write(self: FsspecStore, key: str, data: bytes) -> None:
+        if key == _payload.MANIFEST and submitted and len(submitted) < 3:
+            submitted.append("write failed")
+            raise ConnectionError("storage write timed out")
+        real_write(self, key, data)
+
+    provider.submit = recording_submit  # type: ignore[method-assign]
+    monkeypatch.setattr(FsspecStore, "write", flaky_write)
+    with BatchExecutor(provider, f"memory://mfail-{time.time_ns()}") as ex:
+        fut = ex.submit(jobs.double, 21)
+        assert fut.result(timeout=20) == 42  # it ran: never "nothing submitted"
+        assert "write failed" in submitted
+        with BatchExecutor(provider, ex.io_url) as other:
+            assert other.attach(fut.job_id).result(timeout=20) == 42

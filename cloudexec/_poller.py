@@ -72,12 +72,22 @@ class Manager:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.closed = False
+        self.broken: str | None = None  # why the thread died, once it did
         self._job_stores: dict[str, Store] = {}
 
     # -- called from user threads ------------------------------------------
+    def _check_alive(self) -> None:
+        if self.broken is not None:
+            raise BrokenExecutor(self.broken)
+
     def enqueue(self, record: _JobRecord) -> None:
-        """Queue a new job for dispatch."""
+        """Queue a new job for dispatch.
+
+        Raises:
+            BrokenExecutor: the manager thread died; nothing would ever run.
+        """
         with self.cond:
+            self._check_alive()
             self.queue.append(record)
             self._ensure_thread()
             self.cond.notify_all()
@@ -85,6 +95,7 @@ class Manager:
     def track(self, record: _JobRecord) -> None:
         """Follow a job that was submitted earlier (re-attach); it takes no worker slot."""
         with self.cond:
+            self._check_alive()
             record.missing_polls = 0
             self.inflight[record.job_id] = record
             self._ensure_thread()
@@ -138,7 +149,14 @@ class Manager:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - fail every future rather than hang them
             log.exception("cloudexec: the manager thread died")
-            self._break_all(exc)
+            with self.cond:
+                self.broken = (
+                    f"the cloudexec manager thread died ({type(exc).__name__}: {exc}), so no job of this executor "
+                    "is followed or submitted any more. Jobs already handed to the provider may still run: get "
+                    "them back with attach(job_id) on a new executor, and submit new work there. (A done-callback "
+                    "that raises SystemExit or KeyboardInterrupt kills this thread; let callbacks return.)"
+                )
+            self._break_all()
         finally:
             self._close_provider()
 
@@ -163,16 +181,19 @@ class Manager:
     def _counted(self) -> list[_JobRecord]:
         return [r for r in self.inflight.values() if not r.attached]
 
-    def _break_all(self, exc: BaseException) -> None:
+    def _break_all(self) -> None:
         with self.cond:
             records = list(self.queue) + list(self.inflight.values())
             self.queue.clear()
             self.inflight.clear()
-        error = BrokenExecutor(f"the cloudexec manager thread died: {type(exc).__name__}: {exc}")
+            self.cond.notify_all()
         for record in records:
-            for future in [record.future, *record.children]:
+            for future in [*record.children, record.future]:
                 if future is not None and not future.done():
-                    future._finish(exception=error)
+                    try:
+                        future._finish(exception=BrokenExecutor(f"job {future.job_id}: {self.broken}"))
+                    except BaseException:  # noqa: BLE001 - a callback again; the other futures still end
+                        log.exception("cloudexec: a done-callback of %s raised", future.job_id)
 
     def job_store(self, record: _JobRecord) -> Store:
         store = self._job_stores.get(record.job_id)

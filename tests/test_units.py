@@ -694,3 +694,28 @@ def test_a_failed_manifest_update_after_submission_does_not_fail_the_job(monkeyp
         assert "write failed" in submitted
         with BatchExecutor(provider, ex.io_url) as other:
             assert other.attach(fut.job_id).result(timeout=20) == 42
+
+
+# -- a dead manager breaks the executor --------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_dead_manager_thread_breaks_pending_futures_and_later_submits() -> None:
+    import sys
+    from concurrent.futures import BrokenExecutor
+
+    ex = BatchExecutor(FakeProvider(), f"memory://broken-{time.time_ns()}", max_workers=1)
+    blocker = ex.submit(jobs.nap, 0.5)
+    first = ex.submit(jobs.double, 1)  # queued behind the blocker: its callback runs in the manager thread
+    first.add_done_callback(lambda f: sys.exit(3))
+    pending = ex.submit(jobs.double, 2)
+    assert blocker.result(timeout=20)[1] > 0
+    with pytest.raises(BrokenExecutor, match=f"job {pending.job_id}: the cloudexec manager thread died"):
+        pending.result(timeout=20)
+    with pytest.raises(BrokenExecutor, match="SystemExit"):
+        ex.submit(jobs.double, 3)
+    with pytest.raises(BrokenExecutor):
+        ex.submit_map(jobs.double, [1])
+    started = time.monotonic()
+    ex.shutdown(wait=True)
+    assert time.monotonic() - started < 5

@@ -483,6 +483,23 @@ class _Core:
         # of a job that ended, is not kept).
         self.futures: weakref.WeakValueDictionary[str, BatchFuture[Any]] = weakref.WeakValueDictionary()
         self.futures_lock = threading.Lock()
+        self._handles = 0  # live executor objects (an executor and its with_settings views)
+
+    def hold(self, executor: BatchExecutor) -> None:
+        """Count ``executor`` as a user of this core until it is garbage-collected."""
+        with self.shutdown_lock:
+            self._handles += 1
+        # The manager holds the core, never the executor: once the user drops
+        # every executor object, the thread finishes what is in flight and ends.
+        finalizer = weakref.finalize(executor, self._release)
+        finalizer.atexit = False
+
+    def _release(self) -> None:
+        with self.shutdown_lock:
+            self._handles -= 1
+            if self._handles > 0:
+                return
+        self.manager.stop(wait=False)
 
     def __reduce__(self) -> Any:
         raise TypeError(_NOT_PICKLABLE)
@@ -599,6 +616,7 @@ class BatchExecutor(Executor):
         _probe_storage(store)
         keys = _keys.load_keys(key)
         self._core = _Core(provider, store, max_workers, intervals, keys, give_up_s=give_up_s)
+        self._core.hold(self)
         self._provider = provider
 
     @staticmethod
@@ -636,6 +654,7 @@ class BatchExecutor(Executor):
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
         view._settings = self._settings.merged(parsed)
+        self._core.hold(view)
         return view
 
     # -- Executor API -------------------------------------------------------

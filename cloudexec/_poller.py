@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,46 @@ _SETTLE_S = 3.0
 _UNSETTLED = object()
 
 
+_LIVE: weakref.WeakSet[Manager] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+_HOOKED = False
+
+
+def _register_at_exit(manager: Manager) -> None:
+    """Have `Manager.flush_at_exit` of ``manager`` run when the interpreter exits.
+
+    ``threading._register_atexit`` (what the stdlib executors use) runs before
+    the interpreter stops daemon threads, so the manager threads can still
+    submit; plain ``atexit`` is too late for that.
+    """
+    global _HOOKED
+    with _LIVE_LOCK:
+        _LIVE.add(manager)
+        if _HOOKED:
+            return
+        _HOOKED = True
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is not None:
+            register(_flush_all_at_exit)
+            return
+    except RuntimeError:  # the interpreter is already exiting
+        return
+    import atexit
+
+    atexit.register(_flush_all_at_exit)
+
+
+def _flush_all_at_exit() -> None:
+    with _LIVE_LOCK:
+        managers = list(_LIVE)
+    for manager in managers:
+        try:
+            manager.flush_at_exit()
+        except Exception:  # noqa: BLE001 - the other executors' jobs still go out
+            log.exception("cloudexec: handing queued jobs over at exit failed")
+
+
 def _naming_the_job(exc: BaseException, job_id: str) -> BaseException:
     """cloudexec's own payload errors name the job they belong to (user exceptions stay as raised)."""
     if type(exc) is PayloadError and job_id not in str(exc):
@@ -73,6 +114,8 @@ class Manager:
         self.stopping = False
         self.closed = False
         self.broken: str | None = None  # why the thread died, once it did
+        self.exiting = False  # the interpreter exits: hand queued jobs over, nothing more
+        self.dispatching: _JobRecord | None = None  # the job being handed over right now
         self._job_stores: dict[str, Store] = {}
 
     # -- called from user threads ------------------------------------------
@@ -129,9 +172,42 @@ class Manager:
     def _ensure_thread(self) -> None:
         if self.thread is None:
             # Daemon: jobs live on at the provider when the interpreter exits
-            # and can be re-attached; a blocking exit would hold a client for hours.
+            # and can be re-attached; a blocking exit would hold a client for
+            # hours. But every job whose submit() returned is handed over
+            # first: `_flush_at_exit` runs before the interpreter stops threads.
+            _register_at_exit(self)
             self.thread = threading.Thread(target=self._run, name="cloudexec-manager", daemon=True)
             self.thread.start()
+
+    def flush_at_exit(self) -> None:
+        """Hand every queued job that ``max_workers`` lets go to the provider; warn about the others.
+
+        Called as the interpreter exits without ``shutdown()``; waits for
+        the submissions, not for the jobs.
+        """
+        with self.cond:
+            self.exiting = True
+            self.cond.notify_all()
+            while self.thread is not None and self.thread.is_alive() and self.broken is None:
+                blocked = not self.queue or len(self._counted()) >= self.core.max_workers
+                if blocked and self.dispatching is None:
+                    break
+                self.cond.wait(0.05)
+            left = list(self.queue)
+            self.queue.clear()
+        if left:
+            log.warning(
+                "cloudexec: the interpreter exits without shutdown(): %d job(s) were never handed to the %s "
+                "provider because max_workers=%d jobs were still in flight, and are cancelled: %s. Call "
+                "shutdown(wait=True) (or use the executor in a with-block) before the script ends to have them run.",
+                len(left),
+                self.core.provider.name,
+                self.core.max_workers,
+                ", ".join(r.job_id for r in left),
+            )
+            for record in left:
+                if record.future is not None:
+                    record.future.cancel()
 
     def _close_provider(self) -> None:
         with self.cond:
@@ -217,6 +293,7 @@ class Manager:
                 if future is None or future.cancelled():
                     continue
                 self.inflight[record.job_id] = record
+                self.dispatching = record
             progressed = True
             try:
                 self._submit(record)
@@ -227,6 +304,10 @@ class Manager:
                 for fut in [record.future, *record.children]:
                     if fut is not None and not fut.done():
                         fut._finish(exception=exc)
+            finally:
+                with self.cond:
+                    self.dispatching = None
+                    self.cond.notify_all()
         return progressed
 
     def _write_manifest(self, record: _JobRecord) -> None:

@@ -719,3 +719,63 @@ def test_a_dead_manager_thread_breaks_pending_futures_and_later_submits() -> Non
     started = time.monotonic()
     ex.shutdown(wait=True)
     assert time.monotonic() - started < 5
+
+
+# -- jobs are handed over before the interpreter exits; a dropped executor stops its thread -------
+
+
+@pytest.mark.timeout(60)
+def test_jobs_submitted_by_a_script_that_exits_without_shutdown_reach_the_provider(tmp_path: Any) -> None:
+    from contract import run_script
+
+    io_url = "file://" + str(tmp_path / "io")
+    log_path = tmp_path / "submitted.txt"
+    out = run_script(
+        f"""
+        import operator, time
+        from cloudexec.testing.fake import FakeBatchExecutor, FakeBatchProvider
+
+        def slow_submit(self, spec, _real=FakeBatchProvider.submit):
+            time.sleep(0.3)  # a SubmitJob round trip
+            ref = _real(self, spec)
+            with open({str(log_path)!r}, "a") as fh:
+                fh.write(spec.job_id + "\\n")
+            return ref
+
+        FakeBatchProvider.submit = slow_submit
+        ex = FakeBatchExecutor({io_url!r}, max_workers=10)
+        for i in range(3):
+            print(ex.submit(operator.neg, i).job_id)
+        # no shutdown(): the script just ends
+        """,
+        env={"PYTHONPATH": os.getcwd(), "CLOUDEXEC_KEY": "k" * 40},
+    )
+    job_ids = out.split()
+    assert len(job_ids) == 3
+    assert log_path.read_text().split() == job_ids
+    with BatchExecutor(FakeProvider(), io_url, key="k" * 40) as ex:
+        for job_id in job_ids:
+            again = ex.attach(job_id)  # its jobs died with that process's in-process service: just found
+            assert again.job_id == job_id
+            again.cancel()
+
+
+@pytest.mark.timeout(30)
+def test_an_executor_dropped_without_shutdown_stops_its_thread() -> None:
+    import gc
+
+    ex = BatchExecutor(FakeProvider(), f"memory://dropped-{time.time_ns()}")
+    view = ex.with_settings(retries=1)
+    fut = view.submit(jobs.double, 2)
+    assert fut.result(timeout=20) == 4
+    thread = ex._core.manager.thread
+    assert thread is not None and thread.is_alive()
+    del ex
+    gc.collect()
+    time.sleep(0.3)
+    assert thread.is_alive()  # the view still uses it
+    del view
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert fut.result() == 4

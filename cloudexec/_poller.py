@@ -612,8 +612,10 @@ class Manager:
     ) -> bool:
         """Set the futures of children whose result objects appeared.
 
-        A failed child's result is taken only once the array ended
-        (``final``): until then a retry may still replace it.
+        A successful child's result is final (the runner never replaces one)
+        and delivered at once. A failed child's result is taken only once the
+        array ended (``final``): until then a retry may still replace it, so it
+        is read again at each poll, and delivered as soon as a retry succeeded.
         """
         store = self.job_store(record)
         changed = False
@@ -625,14 +627,13 @@ class Manager:
             index = int(stem)
             if index in record.children_done or index >= len(record.children):
                 continue
-            if index in record.deferred and not (final or accept_errors):
-                continue  # a failed child's result: re-read only once the array ended
             outcomes = self._read_outcomes(record, index)
             if outcomes is None or outcomes is _UNSETTLED:
                 continue
             if isinstance(outcomes, list) and not (final or accept_errors) and any(o[0] != "ok" for o in outcomes):
                 record.deferred.add(index)
                 continue
+            record.deferred.discard(index)
             self._finish_child(record, index, outcomes)
             changed = True
         if final:

@@ -123,3 +123,9 @@ def identity(x: object) -> object:
 
 def unloadable_result() -> LoadsNowhere:
     return LoadsNowhere()
+
+
+def flaky_after(counter_path: str, fail_times: int, nap_s: float) -> int:
+    """Sleeps ``nap_s``, then behaves like `flaky`."""
+    time.sleep(nap_s)
+    return flaky(counter_path, fail_times)

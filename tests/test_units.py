@@ -779,3 +779,35 @@ def test_an_executor_dropped_without_shutdown_stops_its_thread() -> None:
     thread.join(10)
     assert not thread.is_alive()
     assert fut.result() == 4
+
+
+# -- the first successful result is final and delivered at once -------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_second_attempt_does_not_replace_a_successful_result(tmp_path: Any) -> None:
+    from cloudexec import runner
+
+    def twice(job_url: str, index: int | None, environ: dict[str, str]) -> int:
+        # The service ran the job twice (a retry after a lost heartbeat, a duplicate delivery).
+        runner.run_job(job_url, index=index, environ=environ)
+        return runner.run_job(job_url, index=index, environ=environ)
+
+    service = _EnvRunnerService(twice)
+    with BatchExecutor(FakeProvider(), f"memory://twice-{time.time_ns()}") as ex:
+        ex._core.provider.service = service  # type: ignore[attr-defined]
+        fut = ex.submit(jobs.flaky, str(tmp_path / "count"), 0)  # returns its attempt number
+        assert fut.result(timeout=20) == 1
+        assert (tmp_path / "count").read_text() == "2"  # the second attempt did run
+        again = BatchExecutor(FakeProvider(), ex.io_url)
+        assert again.attach(fut.job_id).result(timeout=20) == 1
+        again.shutdown()
+
+
+@pytest.mark.timeout(30)
+def test_a_child_whose_retry_succeeded_is_delivered_before_the_array_ends(tmp_path: Any) -> None:
+    with BatchExecutor(FakeProvider(), f"memory://retry-{time.time_ns()}", retries=1) as ex:
+        arr = ex.submit_map(jobs.flaky_after, [str(tmp_path / "a"), str(tmp_path / "b")], [1, 0], [0.0, 6.0])
+        assert arr.children[0].result(timeout=4) == 2  # its second attempt succeeded
+        assert not arr.done()  # child 1 still naps
+        assert arr.result(timeout=20) == [2, 1]

@@ -99,6 +99,9 @@ class _JobRecord:
         self.first_missing: float | None = None
         self.attached = False  # re-attached jobs take no worker slot
         self.manifest_pending = False  # the provider's id is not in the stored manifest yet
+        # map()'s own array: its iterator takes each child's values, and the
+        # array future keeps no list of them all (a 100,000-item map).
+        self.streaming = False
         # Failed attempts in a row to learn the job's state (describe or a
         # storage read raising), since when, and the last error.
         self.failures = 0
@@ -298,6 +301,14 @@ class BatchFuture(Future[T], Generic[T]):
         with self._condition:
             if self._state == PENDING:
                 self.set_running_or_notify_cancel()
+
+    def _take_outcomes(self) -> list[Any] | None:
+        """A finished child's outcomes, let go of by the child (``map`` yields each value once)."""
+        with self._condition:
+            outcomes, self._outcomes = self._outcomes, None
+            if outcomes is not None:
+                self._result = None
+            return outcomes
 
     def _finish(self, *, result: Any = None, exception: BaseException | None = None) -> None:
         self._mark_running()
@@ -703,6 +714,11 @@ class BatchExecutor(Executor):
             TypeError/ValueError: bad ``fn`` or ``chunksize``.
             PayloadError: the function or an argument cannot be pickled.
         """
+        return self._submit_array(fn, iterables, chunksize, streaming=False)
+
+    def _submit_array(
+        self, fn: Callable[..., T], iterables: tuple[Iterable[Any], ...], chunksize: int, *, streaming: bool
+    ) -> ArrayFuture[T]:
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {fn!r} ({type(fn).__name__})")
         if isinstance(chunksize, bool) or not isinstance(chunksize, int):
@@ -738,6 +754,7 @@ class BatchExecutor(Executor):
         )
         future: ArrayFuture[T] = self.array_future_class(self._core, record)
         record.future = future
+        record.streaming = streaming
         record.children = [self.future_class(self._core, record, i) for i in range(len(chunks))]
         if not chunks:
             # Nothing to run: an empty array job would be rejected by every provider.
@@ -773,7 +790,7 @@ class BatchExecutor(Executor):
         what has not finished.
         """
         end_time = None if timeout is None else timeout + time.monotonic()
-        array = self.submit_map(fn, *iterables, chunksize=chunksize)
+        array = self._submit_array(fn, iterables, chunksize, streaming=True)
         return _map_results(array, end_time)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -888,20 +905,27 @@ class BatchExecutor(Executor):
 
 
 def _map_results(array: ArrayFuture[Any], end_time: float | None) -> Iterator[Any]:
-    children = array.children
+    """The values of a streaming array's children, in order (the body of ``map``).
+
+    Like the stdlib's ``result_iterator`` it keeps no reference to a value
+    once yielded: each child lets go of its values when they are taken, and
+    no local variable holds the value across a ``yield``.
+    """
     consumed = False
     try:
-        for child in children:
+        for index in range(array.size):
+            child = array._record.children[index]
             remaining = None if end_time is None else end_time - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError()
             child.exception(remaining)  # waits; raises CancelledError/TimeoutError
-            outcomes = child._outcomes
+            outcomes = child._take_outcomes()
             if outcomes is None:
-                yield child.result()
+                yield child.result()  # raises the child's error
                 continue
-            for outcome in outcomes:
-                yield _payload.outcome_value(outcome)
+            outcomes.reverse()
+            while outcomes:
+                yield _payload.outcome_value(outcomes.pop())
         consumed = True
     finally:
         # Only an iterator left before its end (closed, collected, or raising

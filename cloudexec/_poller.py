@@ -679,6 +679,18 @@ class Manager:
     def _finish_array(self, record: _JobRecord) -> None:
         future = record.future
         assert isinstance(future, ArrayFuture)
+        if record.streaming:
+            # map()'s iterator has the values (and may have taken them already).
+            for child in record.children:
+                if child.cancelled():
+                    future._finish(exception=CancelledError(f"child {child.job_id} was cancelled"))
+                    return
+                error = child.exception(0)
+                if error is not None:
+                    future._finish(exception=error)
+                    return
+            future._finish(result=None)
+            return
         values: list[Any] = []
         for child in record.children:
             if child.cancelled():

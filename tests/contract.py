@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import dataclasses
+import gc
 import os
 import sys
 import textwrap
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -509,6 +511,25 @@ class ExecutorContract:
         assert ex.attach(arr.job_id) is arr and ex.attach(f"{arr.job_id}[1]") is arr.children[1]
         assert fut.result(timeout=45) == 42 and arr.result(timeout=45) == [2, 4]
         assert ex.attach(fut.job_id) is fut
+
+    @pytest.mark.timeout(60)
+    def test_free_reference(self, make_executor: MakeExecutor) -> None:
+        # CPython's executors test this: a done call's function and arguments,
+        # and results the caller dropped, are not kept (100,000-item maps).
+        ex = make_executor()
+        arg = jobs.Dummy(21)
+        arg_ref = weakref.ref(arg)
+        fut = ex.submit(jobs.identity, arg)
+        assert fut.result(timeout=45).value == 21
+        assert ex.submit(arg.double).result(timeout=45) == 42  # a bound method holds its object
+        del arg
+        gc.collect()
+        assert arg_ref() is None
+        for obj in ex.map(jobs.make_dummy, range(3)):
+            obj_ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            assert obj_ref() is None
 
     def test_attach_unknown_id(self, make_executor: MakeExecutor) -> None:
         from cloudexec.errors import JobNotFoundError

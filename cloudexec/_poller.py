@@ -114,7 +114,6 @@ class Manager:
         self.stopping = False
         self.closed = False
         self.broken: str | None = None  # why the thread died, once it did
-        self.exiting = False  # the interpreter exits: hand queued jobs over, nothing more
         self.dispatching: _JobRecord | None = None  # the job being handed over right now
         self._job_stores: dict[str, Store] = {}
 
@@ -174,7 +173,7 @@ class Manager:
             # Daemon: jobs live on at the provider when the interpreter exits
             # and can be re-attached; a blocking exit would hold a client for
             # hours. But every job whose submit() returned is handed over
-            # first: `_flush_at_exit` runs before the interpreter stops threads.
+            # first: `flush_at_exit` runs before the interpreter stops threads.
             _register_at_exit(self)
             self.thread = threading.Thread(target=self._run, name="cloudexec-manager", daemon=True)
             self.thread.start()
@@ -186,7 +185,6 @@ class Manager:
         the submissions, not for the jobs.
         """
         with self.cond:
-            self.exiting = True
             self.cond.notify_all()
             while self.thread is not None and self.thread.is_alive() and self.broken is None:
                 blocked = not self.queue or len(self._counted()) >= self.core.max_workers

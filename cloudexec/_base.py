@@ -4,9 +4,9 @@ How a call travels (the manager is one thread per executor)::
 
     submit(fn, *args)                      manager thread                      provider / cloud
     ─────────────────                      ──────────────                      ────────────────
-    validate, pickle the call  ──queue──►  write call.pkl to storage
+    validate, pickle the call  ──queue──►  write call.pkl, job.json (manifest)
     return BatchFuture (PENDING)           provider.submit(JobSpec)  ────────►  job queued
-                                           write job.json (manifest)
+                                           job.json again, with the provider's id
                                            every poll: provider.describe(all
                                            jobs in flight, bulk) ◄──────────── statuses
                                            list results/ of arrays             runner writes
@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
@@ -95,6 +97,18 @@ class _JobRecord:
         self.missing_polls = 0
         self.first_missing: float | None = None
         self.attached = False  # re-attached jobs take no worker slot
+        self.manifest_pending = False  # the provider's id is not in the stored manifest yet
+        # map()'s own array: its iterator takes each child's values, and the
+        # array future keeps no list of them all (a 100,000-item map).
+        self.streaming = False
+        # Failed attempts in a row to learn the job's state (describe or a
+        # storage read raising), since when, and the last error.
+        self.failures = 0
+        self.failing_since: float | None = None
+        self.last_error = ""
+        # Result objects that failed verification, by child index (None: a
+        # single job): when first seen so, and their size then.
+        self.unverified: dict[int | None, tuple[float, int]] = {}
 
     @property
     def is_array(self) -> bool:
@@ -252,28 +266,51 @@ class BatchFuture(Future[T], Generic[T]):
         Returns:
             False if the job already finished, True otherwise. Never raises.
         """
-        with self._condition:
-            if self._state == FINISHED:
-                return False
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return True
-            self._state = CANCELLED
-            self._condition.notify_all()
-        # The stdlib tells waiters (wait/as_completed) only when the executor
-        # later calls set_running_or_notify_cancel; do it now so they wake.
-        self.set_running_or_notify_cancel()
+        changed = self._cancel_state()
+        if changed is None:
+            return False
+        if not changed:
+            return True  # cancelled before: idempotent
         self._invoke_callbacks()  # type: ignore[attr-defined]  # the stdlib's own hook
         self._core.on_cancel(self)
         return True
 
+    def _cancel_state(self) -> bool | None:
+        """Move to CANCELLED_AND_NOTIFIED from PENDING or RUNNING.
+
+        Returns:
+            True if this call cancelled the future, False if it was cancelled
+            before, None if it had already FINISHED.
+
+        One hold of the future's own (reentrant) condition covers the whole
+        change: the manager marking the future running can never come between
+        the cancel and the notification (that window made ``cancel()`` raise
+        ``RuntimeError`` now and then).
+        """
+        with self._condition:
+            if self._state == FINISHED:
+                return None
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return False
+            self._state = CANCELLED
+            # The stdlib tells waiters (wait/as_completed) only when the executor
+            # calls set_running_or_notify_cancel; do it now so they wake.
+            self.set_running_or_notify_cancel()
+            self._condition.notify_all()
+            return True
+
     def _mark_running(self) -> None:
         with self._condition:
-            if self._state != PENDING:
-                return
-        try:
-            self.set_running_or_notify_cancel()
-        except RuntimeError:  # lost a race with cancel(); nothing to do
-            pass
+            if self._state == PENDING:
+                self.set_running_or_notify_cancel()
+
+    def _take_outcomes(self) -> list[Any] | None:
+        """A finished child's outcomes, let go of by the child (``map`` yields each value once)."""
+        with self._condition:
+            outcomes, self._outcomes = self._outcomes, None
+            if outcomes is not None:
+                self._result = None
+            return outcomes
 
     def _finish(self, *, result: Any = None, exception: BaseException | None = None) -> None:
         self._mark_running()
@@ -363,12 +400,9 @@ class ArrayFuture(BatchFuture[list[T]]):
                 return False
         cancelled = super().cancel()
         for child in self._record.children:
-            Future.cancel(child)  # local state only: the array was cancelled as a whole
-            if child.cancelled():
-                try:
-                    child.set_running_or_notify_cancel()
-                except RuntimeError:
-                    pass
+            # Local state only: the array was cancelled at the provider as a whole.
+            if child._cancel_state() is True:
+                child._invoke_callbacks()  # type: ignore[attr-defined]  # the stdlib's own hook
         return cancelled
 
 
@@ -378,6 +412,44 @@ _NOT_PICKLABLE = (
     "or the storage. Do not capture the executor in a function you submit (a closure, a bound method, a "
     "global); pass plain values instead."
 )
+
+
+#: Default of the executors' ``give_up_s``: ride out a few minutes of API or storage outage.
+DEFAULT_GIVE_UP_S = 300.0
+_MAX_GIVE_UP_S = 7 * 24 * 3600.0
+_MAX_POLL_INTERVAL_S = 3600.0
+
+
+def _check_seconds(name: str, value: object, most: float, shown: object = None) -> float:
+    """``value`` as seconds in ``(0, most]``; TypeError/ValueError naming the bad value otherwise."""
+    shown = value if shown is None else shown
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds; got {shown!r} ({type(value).__name__})")
+    if not math.isfinite(value) or not 0 < value <= most:
+        raise ValueError(f"{name} must be above 0 and at most {most:g} seconds; got {shown!r}")
+    return float(value)
+
+
+def check_poll_interval(value: object) -> tuple[float, float]:
+    """A valid ``poll_interval_s`` pair ``(first, longest)``, as floats.
+
+    Raises:
+        TypeError: not a pair of numbers (the message shows the value).
+        ValueError: a pause not in ``(0, 3600]`` s (0 would busy-spin), or
+            ``first > longest``.
+    """
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(
+            f"poll_interval_s must be a pair (first, longest) of seconds, like (1.0, 10.0); got {value!r}"
+        )
+    first = _check_seconds("poll_interval_s[0] (first pause)", value[0], _MAX_POLL_INTERVAL_S, value)
+    longest = _check_seconds("poll_interval_s[1] (longest pause)", value[1], _MAX_POLL_INTERVAL_S, value)
+    if first > longest:
+        raise ValueError(
+            f"poll_interval_s={value!r}: the first pause ({first:g} s) must not exceed the longest ({longest:g} s); "
+            "polls start at the first and back off to the longest"
+        )
+    return first, longest
 
 
 def _default_name(fn: Callable[..., Any]) -> str:
@@ -407,6 +479,8 @@ class _Core:
         max_workers: int,
         poll_interval_s: tuple[float, float],
         keys: _keys.KeyRing,
+        *,
+        give_up_s: float = 300.0,
     ) -> None:
         from cloudexec._poller import Manager
 
@@ -414,10 +488,32 @@ class _Core:
         self.store = store
         self.keys = keys
         self.max_workers = max_workers
+        self.give_up_s = give_up_s
         self.shutdown_lock = threading.Lock()
         self.shutdown = False
         self.manager: Manager = Manager(self, poll_interval_s)
-        self.attached: dict[str, BatchFuture[Any]] = {}
+        # The future of every job this executor follows, by job id, so that
+        # attach() hands back the same object (weak: a future nobody holds,
+        # of a job that ended, is not kept).
+        self.futures: weakref.WeakValueDictionary[str, BatchFuture[Any]] = weakref.WeakValueDictionary()
+        self.futures_lock = threading.Lock()
+        self._handles = 0  # live executor objects (an executor and its with_settings views)
+
+    def hold(self, executor: BatchExecutor) -> None:
+        """Count ``executor`` as a user of this core until it is garbage-collected."""
+        with self.shutdown_lock:
+            self._handles += 1
+        # The manager holds the core, never the executor: once the user drops
+        # every executor object, the thread finishes what is in flight and ends.
+        finalizer = weakref.finalize(executor, self._release)
+        finalizer.atexit = False
+
+    def _release(self) -> None:
+        with self.shutdown_lock:
+            self._handles -= 1
+            if self._handles > 0:
+                return
+        self.manager.stop(wait=False)
 
     def __reduce__(self) -> Any:
         raise TypeError(_NOT_PICKLABLE)
@@ -481,7 +577,13 @@ class BatchExecutor(Executor):
         storage_options: fsspec options for ``io_url``.
         max_workers: jobs in flight at once (an array job counts once);
             default: the provider's.
-        poll_interval_s: (first, longest) pause between status polls.
+        poll_interval_s: (first, longest) pause between status polls, in
+            seconds, each above 0 and at most 3600; default: the provider's.
+        give_up_s: how long the manager keeps retrying a job whose status or
+            result it cannot read (the provider's API or the storage keep
+            failing) before it ends the job's futures with
+            `JobUnreachableError`; a few failures in a row never do. Above 0,
+            at most a week; default 300.
         key: the master key that signs calls and verifies results (one key,
             or a list newest first while rotating); default: the
             ``CLOUDEXEC_KEY`` environment variable, else the key file
@@ -490,7 +592,10 @@ class BatchExecutor(Executor):
         **settings: default job settings (see `cloudexec.settings`).
 
     Raises:
-        ValueError: ``max_workers <= 0``, a bad setting value or a short key.
+        ValueError: ``max_workers <= 0``, a ``poll_interval_s`` or
+            ``give_up_s`` out of range, a bad setting value or a short key.
+        TypeError: a ``max_workers``, ``poll_interval_s`` or ``give_up_s``
+            of the wrong type, or an unknown setting.
         TypeError: an unknown setting.
         StorageError: ``io_url`` cannot be written.
         PermissionError: the key file is readable by others.
@@ -508,20 +613,24 @@ class BatchExecutor(Executor):
         storage_options: dict[str, Any] | None = None,
         max_workers: int | None = None,
         poll_interval_s: tuple[float, float] | None = None,
+        give_up_s: float = DEFAULT_GIVE_UP_S,
         key: str | bytes | list[str | bytes] | None = None,
         **settings: Any,
     ) -> None:
         if max_workers is None:
             max_workers = provider.default_max_workers
         if isinstance(max_workers, bool) or not isinstance(max_workers, int):
-            raise TypeError(f"max_workers must be an int; got {max_workers!r}")
+            raise TypeError(f"max_workers must be an int (jobs in flight at once, 1 or more); got {max_workers!r}")
         if max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+            raise ValueError(f"max_workers must be greater than 0 (jobs in flight at once); got {max_workers!r}")
+        intervals = check_poll_interval(poll_interval_s if poll_interval_s is not None else provider.poll_interval_s)
+        give_up_s = _check_seconds("give_up_s", give_up_s, _MAX_GIVE_UP_S)
         self._settings = self._validate(provider, settings)
         store = open_store(io_url, storage_options)
         _probe_storage(store)
         keys = _keys.load_keys(key)
-        self._core = _Core(provider, store, max_workers, poll_interval_s or provider.poll_interval_s, keys)
+        self._core = _Core(provider, store, max_workers, intervals, keys, give_up_s=give_up_s)
+        self._core.hold(self)
         self._provider = provider
 
     @staticmethod
@@ -570,6 +679,7 @@ class BatchExecutor(Executor):
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
         view._settings = self._settings.merged(parsed)
+        self._core.hold(view)
         return view
 
     # -- Executor API -------------------------------------------------------
@@ -623,6 +733,17 @@ class BatchExecutor(Executor):
             PayloadError: the function or an argument cannot be pickled.
             ImportError: ``progress=True`` without tqdm installed (nothing was submitted).
         """
+        return self._submit_array(fn, iterables, chunksize, streaming=False, progress=progress)
+
+    def _submit_array(
+        self,
+        fn: Callable[..., T],
+        iterables: tuple[Iterable[Any], ...],
+        chunksize: int,
+        *,
+        streaming: bool,
+        progress: bool = False,
+    ) -> ArrayFuture[T]:
         tqdm_class = _progress.load_tqdm() if progress else None
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {fn!r} ({type(fn).__name__})")
@@ -659,6 +780,7 @@ class BatchExecutor(Executor):
         )
         future: ArrayFuture[T] = self.array_future_class(self._core, record)
         record.future = future
+        record.streaming = streaming
         record.children = [self.future_class(self._core, record, i) for i in range(len(chunks))]
         if not chunks:
             # Nothing to run: an empty array job would be rejected by every provider.
@@ -677,6 +799,9 @@ class BatchExecutor(Executor):
         with self._core.shutdown_lock:
             if self._core.shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            assert record.future is not None
+            with self._core.futures_lock:
+                self._core.futures[record.job_id] = record.future
             self._core.manager.enqueue(record)
 
     def map(
@@ -696,7 +821,7 @@ class BatchExecutor(Executor):
         `submit_map`).
         """
         end_time = None if timeout is None else timeout + time.monotonic()
-        array = self.submit_map(fn, *iterables, chunksize=chunksize, progress=progress)
+        array = self._submit_array(fn, iterables, chunksize, streaming=True, progress=progress)
         return _map_results(array, end_time)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -738,28 +863,43 @@ class BatchExecutor(Executor):
         match = re.fullmatch(r"(.+)\[(\d+)\]", job_id)
         index = int(match.group(2)) if match else None
         base_id = _payload.check_job_id(match.group(1) if match else job_id)
-        manifest = _read_manifest(core, base_id)
-        if manifest is None:
-            url = core.provider.find_job_url(base_id)
-            if url is not None:
-                found = url.rstrip("/").rsplit("/", 1)[-1]
-                manifest = _read_manifest(core, _payload.check_job_id(found, what="the provider's job folder"))
-        if manifest is None:
-            raise JobNotFoundError(
-                f"no job {job_id!r} under {core.store.url}: no manifest job.json there and the "
-                f"{core.provider.name} provider does not know it. Check the id and that this "
-                "executor uses the same io storage as the one that submitted the job."
-            )
-        cached = core.attached.get(manifest["job_id"])
-        if cached is None:
-            cached = self._track_attached(manifest)
+        # A job this executor already follows keeps its one future (a second
+        # one would leave the first never resolving).
+        future = core.futures.get(base_id)
+        manifest = None
+        if future is None:
+            manifest = _read_manifest(core, base_id)
+            if manifest is None:
+                url = core.provider.find_job_url(base_id)
+                if url is not None:
+                    found = _payload.check_job_id(url.rstrip("/").rsplit("/", 1)[-1], what="the provider's job folder")
+                    future = core.futures.get(found)
+                    if future is None:
+                        manifest = _read_manifest(core, found)
+        if future is None:
+            if manifest is None:
+                raise JobNotFoundError(
+                    f"no job {job_id!r} under {core.store.url}: no manifest job.json there and the "
+                    f"{core.provider.name} provider does not know it. Check the id and that this "
+                    "executor uses the same io storage as the one that submitted the job."
+                )
+            future = self._track_attached(manifest)
         if index is None:
-            return cached
-        if not isinstance(cached, ArrayFuture) or not 0 <= index < cached.size:
-            raise JobNotFoundError(f"job {manifest['job_id']} has no array child {index}")
-        return cached.children[index]
+            return future
+        if not isinstance(future, ArrayFuture) or not 0 <= index < future.size:
+            raise JobNotFoundError(f"job {future.job_id} has no array child {index}")
+        return future.children[index]
 
     def _track_attached(self, manifest: dict[str, Any]) -> BatchFuture[Any]:
+        core = self._core
+        with core.futures_lock:
+            # Two threads attaching at once: the second gets the first one's future.
+            existing = core.futures.get(manifest["job_id"])
+            if existing is not None:
+                return existing
+            return self._new_attached(manifest)
+
+    def _new_attached(self, manifest: dict[str, Any]) -> BatchFuture[Any]:
         core = self._core
         is_array = manifest.get("kind") == "array"
         record = _JobRecord(
@@ -781,16 +921,18 @@ class BatchExecutor(Executor):
         else:
             future = self.future_class(core, record)
         record.future = future
-        core.attached[record.job_id] = future
         with core.shutdown_lock:
             if core.shutdown:
                 raise RuntimeError("cannot attach to jobs after shutdown")
+        # A job that ended long ago is finished at once (else it reads pending
+        # until the next poll); one still running is then followed.
         core.manager.refresh(record)
         if not (future.done() and all(child.done() for child in record.children)):
             with core.shutdown_lock:
                 if core.shutdown:
                     raise RuntimeError("cannot attach to jobs after shutdown")
                 core.manager.track(record)
+        core.futures[record.job_id] = future
         return future
 
     def __repr__(self) -> str:
@@ -806,26 +948,35 @@ class BatchExecutor(Executor):
 
 
 def _map_results(array: ArrayFuture[Any], end_time: float | None) -> Iterator[Any]:
-    children = array.children
+    """The values of a streaming array's children, in order (the body of ``map``).
+
+    Like the stdlib's ``result_iterator`` it keeps no reference to a value
+    once yielded: each child lets go of its values when they are taken, and
+    no local variable holds the value across a ``yield``.
+    """
     consumed = False
     try:
-        for child in children:
+        for index in range(array.size):
+            child = array._record.children[index]
             remaining = None if end_time is None else end_time - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError()
             child.exception(remaining)  # waits; raises CancelledError/TimeoutError
-            outcomes = child._outcomes
+            outcomes = child._take_outcomes()
             if outcomes is None:
-                yield child.result()
+                yield child.result()  # raises the child's error
                 continue
-            for outcome in outcomes:
-                yield _payload.outcome_value(outcome)
+            outcomes.reverse()
+            while outcomes:
+                yield _payload.outcome_value(outcomes.pop())
         consumed = True
     finally:
-        # Only a map abandoned early (timeout, an item's exception, the iterator
-        # dropped) cancels the rest. Every child may have ended while the provider
-        # still reports the array running: terminating it then would mark a job
-        # that succeeded as failed.
+        # Only an iterator left before its end (closed, collected, or raising
+        # at an item) cancels what remains, as the stdlib's map does. A fully
+        # consumed one has every result, while the provider may still report
+        # the array running for seconds (AWS's status lags its containers, and
+        # Azure uploads logs after the result): cancelling then would fail a
+        # successful array and cut its log uploads.
         if not consumed and not array.done():
             array.cancel()
         if array._progress is not None:

@@ -5,7 +5,9 @@ Layout of one job, below the executor's storage root (``io_url``)::
     <io_url>/<job_id>/
         job.json          manifest: what the job is (kind, size, function,
                           settings, provider and its job id, versions); written
-                          once the provider accepted the job, so any tool can
+                          BEFORE the job is handed to the provider (so attach
+                          finds every job that may run) and again with the
+                          provider's id once it accepted the job; any tool can
                           find out what a prefix holds from its id alone
         call.pkl          envelope: (fn, args, kwargs) for a single job, or
                           (fn, None, None) for an array job
@@ -229,9 +231,23 @@ def open_result(keys: Sequence[bytes], job_id: str, index: int | None, data: byt
             another job or child, or carries module source.
         VersionMismatchError, PayloadError: as `unpack`.
     """
+    return load_result(job_id, verify_result(keys, job_id, index, data))
+
+
+def verify_result(keys: Sequence[bytes], job_id: str, index: int | None, data: bytes) -> bytes:
+    """Verify a stored result object; returns its envelope, still pickled (see `open_result`).
+
+    Raises:
+        IntegrityError: unsigned, truncated, tampered with or copied (a
+            half-written object fails here too).
+    """
     from cloudexec import _keys
 
-    body = _keys.open_sealed(keys, "result", job_id, index, data, what=result_key(index))
+    return _keys.open_sealed(keys, "result", job_id, index, data, what=result_key(index))
+
+
+def load_result(job_id: str, body: bytes) -> list[Outcome]:
+    """Unpickle a verified result envelope (see `open_result`)."""
     header, outcomes = unpack(body, where="client")
     if header.get("kind") != "result" or not isinstance(outcomes, list):
         raise PayloadError(f"the result of job {job_id} is not a list of outcomes (kind {header.get('kind')!r})")

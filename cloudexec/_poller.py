@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from cloudexec import _keys, _payload
 from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
 from cloudexec._provider import JobInfo, JobSpec, Phase
 from cloudexec._storage import Store
-from cloudexec.errors import CloudExecError, PayloadError, SubmissionError
+from cloudexec.errors import CloudExecError, IntegrityError, JobUnreachableError, PayloadError, SubmissionError
 
 if TYPE_CHECKING:
     from cloudexec._base import _Core
@@ -35,6 +36,55 @@ _MISSING_POLLS = 5
 _MISSING_S = 30.0
 # Longest stretch the manager spends submitting before it polls again.
 _DISPATCH_SLICE_S = 1.0
+# A job is given up only after this many failed polls in a row AND the
+# executor's give_up_s: a few transient faults never fail a future.
+_MIN_FAILURES = 3
+# A result object that fails verification is read again for this long (and
+# while its size changes) before it is refused: on fsspec filesystems whose
+# writes are not atomic a reader can see a half-written object.
+_SETTLE_S = 3.0
+# What `_read_outcomes` returns for a result object that is not settled yet.
+_UNSETTLED = object()
+
+
+_LIVE: weakref.WeakSet[Manager] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+_HOOKED = False
+
+
+def _register_at_exit(manager: Manager) -> None:
+    """Have `Manager.flush_at_exit` of ``manager`` run when the interpreter exits.
+
+    ``threading._register_atexit`` (what the stdlib executors use) runs before
+    the interpreter stops daemon threads, so the manager threads can still
+    submit; plain ``atexit`` is too late for that.
+    """
+    global _HOOKED
+    with _LIVE_LOCK:
+        _LIVE.add(manager)
+        if _HOOKED:
+            return
+        _HOOKED = True
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is not None:
+            register(_flush_all_at_exit)
+            return
+    except RuntimeError:  # the interpreter is already exiting
+        return
+    import atexit
+
+    atexit.register(_flush_all_at_exit)
+
+
+def _flush_all_at_exit() -> None:
+    with _LIVE_LOCK:
+        managers = list(_LIVE)
+    for manager in managers:
+        try:
+            manager.flush_at_exit()
+        except Exception:  # noqa: BLE001 - the other executors' jobs still go out
+            log.exception("cloudexec: handing queued jobs over at exit failed")
 
 
 def _naming_the_job(exc: BaseException, job_id: str) -> BaseException:
@@ -62,12 +112,23 @@ class Manager:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.closed = False
+        self.broken: str | None = None  # why the thread died, once it did
+        self.dispatching: _JobRecord | None = None  # the job being handed over right now
         self._job_stores: dict[str, Store] = {}
 
     # -- called from user threads ------------------------------------------
+    def _check_alive(self) -> None:
+        if self.broken is not None:
+            raise BrokenExecutor(self.broken)
+
     def enqueue(self, record: _JobRecord) -> None:
-        """Queue a new job for dispatch."""
+        """Queue a new job for dispatch.
+
+        Raises:
+            BrokenExecutor: the manager thread died; nothing would ever run.
+        """
         with self.cond:
+            self._check_alive()
             self.queue.append(record)
             self._ensure_thread()
             self.cond.notify_all()
@@ -75,6 +136,7 @@ class Manager:
     def track(self, record: _JobRecord) -> None:
         """Follow a job that was submitted earlier (re-attach); it takes no worker slot."""
         with self.cond:
+            self._check_alive()
             record.missing_polls = 0
             self.inflight[record.job_id] = record
             self._ensure_thread()
@@ -130,9 +192,41 @@ class Manager:
     def _ensure_thread(self) -> None:
         if self.thread is None:
             # Daemon: jobs live on at the provider when the interpreter exits
-            # and can be re-attached; a blocking exit would hold a client for hours.
+            # and can be re-attached; a blocking exit would hold a client for
+            # hours. But every job whose submit() returned is handed over
+            # first: `flush_at_exit` runs before the interpreter stops threads.
+            _register_at_exit(self)
             self.thread = threading.Thread(target=self._run, name="cloudexec-manager", daemon=True)
             self.thread.start()
+
+    def flush_at_exit(self) -> None:
+        """Hand every queued job that ``max_workers`` lets go to the provider; warn about the others.
+
+        Called as the interpreter exits without ``shutdown()``; waits for
+        the submissions, not for the jobs.
+        """
+        with self.cond:
+            self.cond.notify_all()
+            while self.thread is not None and self.thread.is_alive() and self.broken is None:
+                blocked = not self.queue or len(self._counted()) >= self.core.max_workers
+                if blocked and self.dispatching is None:
+                    break
+                self.cond.wait(0.05)
+            left = list(self.queue)
+            self.queue.clear()
+        if left:
+            log.warning(
+                "cloudexec: the interpreter exits without shutdown(): %d job(s) were never handed to the %s "
+                "provider because max_workers=%d jobs were still in flight, and are cancelled: %s. Call "
+                "shutdown(wait=True) (or use the executor in a with-block) before the script ends to have them run.",
+                len(left),
+                self.core.provider.name,
+                self.core.max_workers,
+                ", ".join(r.job_id for r in left),
+            )
+            for record in left:
+                if record.future is not None:
+                    record.future.cancel()
 
     def _close_provider(self) -> None:
         with self.cond:
@@ -150,7 +244,14 @@ class Manager:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - fail every future rather than hang them
             log.exception("cloudexec: the manager thread died")
-            self._break_all(exc)
+            with self.cond:
+                self.broken = (
+                    f"the cloudexec manager thread died ({type(exc).__name__}: {exc}), so no job of this executor "
+                    "is followed or submitted any more. Jobs already handed to the provider may still run: get "
+                    "them back with attach(job_id) on a new executor, and submit new work there. (A done-callback "
+                    "that raises SystemExit or KeyboardInterrupt kills this thread; let callbacks return.)"
+                )
+            self._break_all()
         finally:
             self._close_provider()
 
@@ -175,16 +276,19 @@ class Manager:
     def _counted(self) -> list[_JobRecord]:
         return [r for r in self.inflight.values() if not r.attached]
 
-    def _break_all(self, exc: BaseException) -> None:
+    def _break_all(self) -> None:
         with self.cond:
             records = list(self.queue) + list(self.inflight.values())
             self.queue.clear()
             self.inflight.clear()
-        error = BrokenExecutor(f"the cloudexec manager thread died: {type(exc).__name__}: {exc}")
+            self.cond.notify_all()
         for record in records:
-            for future in [record.future, *record.children]:
+            for future in [*record.children, record.future]:
                 if future is not None and not future.done():
-                    future._finish(exception=error)
+                    try:
+                        future._finish(exception=BrokenExecutor(f"job {future.job_id}: {self.broken}"))
+                    except BaseException:  # noqa: BLE001 - a callback again; the other futures still end
+                        log.exception("cloudexec: a done-callback of %s raised", future.job_id)
 
     def job_store(self, record: _JobRecord) -> Store:
         store = self._job_stores.get(record.job_id)
@@ -208,6 +312,7 @@ class Manager:
                 if future is None or future.cancelled():
                     continue
                 self.inflight[record.job_id] = record
+                self.dispatching = record
             progressed = True
             try:
                 self._submit(record)
@@ -218,7 +323,17 @@ class Manager:
                 for fut in [record.future, *record.children]:
                     if fut is not None and not fut.done():
                         fut._finish(exception=exc)
+            finally:
+                with self.cond:
+                    self.dispatching = None
+                    self.cond.notify_all()
         return progressed
+
+    def _write_manifest(self, record: _JobRecord) -> None:
+        manifest = _keys.sign_manifest(
+            self.core.keys.job_key(record.job_id), record.job_id, record.manifest(self.core.provider.name)
+        )
+        self.job_store(record).write(_payload.MANIFEST, json.dumps(manifest, indent=1).encode())
 
     def _submit(self, record: _JobRecord) -> None:
         provider = self.core.provider
@@ -228,6 +343,10 @@ class Manager:
             store.write(_payload.CALL, record.call)
             if record.inputs is not None:
                 store.write(_payload.INPUTS, record.inputs)
+            # The manifest goes first: once the provider has the job it may run,
+            # and attach() must find it from then on, even if this client dies
+            # before it learns the provider's id (written just below).
+            self._write_manifest(record)
             spec = JobSpec(
                 job_id=record.job_id,
                 job_url=store.url,
@@ -256,10 +375,9 @@ class Manager:
                 pass
             raise
         record.call = record.inputs = None  # free the client's memory
-        manifest = _keys.sign_manifest(
-            self.core.keys.job_key(record.job_id), record.job_id, record.manifest(provider.name)
-        )
-        store.write(_payload.MANIFEST, json.dumps(manifest, indent=1).encode())
+        # From here on the job exists at the provider: nothing may fail its future
+        # as if nothing had been submitted.
+        self._record_provider_ref(record)
         if record.future is not None and record.future.cancelled():
             # cancel() ran while we were submitting: it could not reach the job then.
             try:
@@ -267,25 +385,128 @@ class Manager:
             except Exception as exc:  # noqa: BLE001
                 log.warning("cloudexec: could not cancel job %s: %s", record.job_id, exc)
 
+    def _record_provider_ref(self, record: _JobRecord) -> None:
+        """Rewrite the manifest with the provider's id; retried at every poll until it is stored."""
+        try:
+            self._write_manifest(record)
+        except Exception as exc:  # noqa: BLE001 - the job runs anyway; attach falls back on storage
+            record.manifest_pending = True
+            log.warning(
+                "cloudexec: job %s was handed to the provider, but recording its provider id in %s failed "
+                "(will retry): %s",
+                record.job_id,
+                _payload.MANIFEST,
+                exc,
+            )
+        else:
+            record.manifest_pending = False
+
+    def _learn_ref(self, record: _JobRecord) -> bool:
+        """A job attached before its submitter recorded the provider's id: look again, else use storage.
+
+        Returns whether its future changed.
+        """
+        try:
+            raw = self.job_store(record).read(_payload.MANIFEST)
+            data = json.loads(raw)
+            _keys.verify_manifest(self.core.keys.job_keys(record.job_id), record.job_id, data)
+            ref = data.get("provider_ref")
+            if isinstance(ref, str):
+                record.ref = ref
+                return False
+            if record.is_array:
+                changed = self._collect_children(record, final=False)
+                if all(c.done() for c in record.children):
+                    self._finish_array(record)
+                    self._drop(record)
+                    return True
+                if changed:
+                    return True
+            elif self.job_store(record).exists(_payload.RESULT) and self._finish_single(record, None):
+                self._drop(record)
+                return True
+            raise LookupError(
+                f"the manifest of job {record.job_id} names no provider job yet: its submitting client has not "
+                "recorded the provider's id (it may have stopped right after handing the job over), and the job "
+                "has stored no result"
+            )
+        except Exception as exc:  # noqa: BLE001 - counted, bounded by give_up_s
+            return self._failed(record, exc)
+
     # -- poll ------------------------------------------------------------------
     def _poll(self) -> bool:
+        changed = False
         with self.cond:
             records = [r for r in self.inflight.values() if r.ref is not None]
+            unknown = [r for r in self.inflight.values() if r.ref is None and r.attached]
+        for record in unknown:
+            changed |= self._learn_ref(record)
+        for record in records:
+            if record.manifest_pending:
+                self._record_provider_ref(record)
         if not records:
-            return False
+            return changed
         provider = self.core.provider
         try:
             infos = provider.describe([r.ref for r in records if r.ref is not None])
         except Exception as exc:  # noqa: BLE001 - a passing API fault must not kill the poller
             log.warning("cloudexec: describing %d jobs failed (will retry): %s", len(records), exc)
-            return False
-        changed = False
+            return self._poll_storage_only(records, exc) or changed
         for record in records:
             try:
                 changed |= self._update(record, infos.get(record.ref or ""))
             except Exception as exc:  # noqa: BLE001
                 log.warning("cloudexec: updating job %s failed (will retry): %s", record.job_id, exc)
+                changed |= self._failed(record, exc)
+            else:
+                record.failures, record.failing_since = 0, None
         return changed
+
+    def _poll_storage_only(self, records: list[_JobRecord], error: Exception) -> bool:
+        """The provider cannot be asked: deliver the successful results storage already holds."""
+        changed = False
+        for record in records:
+            try:
+                if record.is_array:
+                    changed |= self._collect_children(record, final=False)
+                    if all(c.done() for c in record.children) and not future_done(record):
+                        self._finish_array(record)
+                    if future_done(record):
+                        self._drop(record)
+                        changed = True
+                        continue
+                else:
+                    outcomes = self._read_outcomes(record, None)
+                    if isinstance(outcomes, list) and all(o[0] == "ok" for o in outcomes):
+                        self._finish_single(record, None)
+                        self._drop(record)
+                        changed = True
+                        continue
+            except Exception as exc:  # noqa: BLE001 - counted like the describe failure
+                error = exc
+            changed |= self._failed(record, error)
+        return changed
+
+    def _failed(self, record: _JobRecord, error: BaseException) -> bool:
+        """Count a failed attempt to learn a job's state; give the job up once the budget is spent."""
+        now = time.monotonic()
+        record.failures += 1
+        if record.failing_since is None:
+            record.failing_since = now
+        record.last_error = f"{type(error).__name__}: {error}"
+        waited = now - record.failing_since
+        if record.failures < _MIN_FAILURES or waited < self.core.give_up_s:
+            return False
+        log.error("cloudexec: giving up job %s after %d failures: %s", record.job_id, record.failures, error)
+        for future in [*record.children, record.future]:
+            if future is not None and not future.done():
+                future._finish(
+                    exception=JobUnreachableError(
+                        future.job_id, reason=record.last_error, failures=record.failures, waited_s=waited
+                    )
+                )
+        self._drop(record)
+        return True
 
     def _drop(self, record: _JobRecord) -> None:
         with self.cond:
@@ -310,10 +531,9 @@ class Manager:
             future._mark_running()
         if record.is_array:
             changed |= self._collect_children(record, final=info.terminal)
-            if info.terminal:
+            if info.terminal and future_done(record):
                 self._drop(record)
-        elif info.terminal:
-            self._finish_single(record, info)
+        elif info.terminal and self._finish_single(record, info):
             self._drop(record)
             changed = True
         return changed
@@ -330,13 +550,16 @@ class Manager:
                 self._drop(record)
                 return True
         elif store.exists(_payload.RESULT):
-            self._finish_single(record, None)
-            self._drop(record)
-            return True
+            if self._finish_single(record, None):
+                self._drop(record)
+                return True
+            return False
         waited = time.monotonic() - record.first_missing
         if record.missing_polls >= _MISSING_POLLS and waited >= _MISSING_S:
             if record.is_array:
                 self._collect_children(record, final=True, infos=[])
+                if not future_done(record):
+                    return False  # a result object is still settling
             else:
                 assert record.future is not None
                 record.future._finish(exception=job_failed(record, None, None, self.core.provider))
@@ -344,21 +567,46 @@ class Manager:
             return True
         return False
 
-    def _read_outcomes(self, record: _JobRecord, index: int | None) -> list[Any] | BaseException | None:
-        """A stored result, verified before it is unpickled (or the error refusing it)."""
+    def _read_outcomes(self, record: _JobRecord, index: int | None) -> Any:
+        """A stored result, verified before it is unpickled.
+
+        Returns:
+            Its list of outcomes; ``None`` if there is none; the error refusing
+            it; or ``_UNSETTLED`` while an object that fails verification may
+            still be being written.
+
+        Raises:
+            Exception: the storage failed (the caller counts it and retries).
+        """
         try:
             data = self.job_store(record).read(_payload.result_key(index))
         except FileNotFoundError:
             return None
         try:
-            return _payload.open_result(self.core.keys.job_keys(record.job_id), record.job_id, index, data)
+            body = _payload.verify_result(self.core.keys.job_keys(record.job_id), record.job_id, index, data)
+        except IntegrityError as exc:
+            now = time.monotonic()
+            first, size = record.unverified.get(index, (now, -1))
+            if size != len(data):  # first seen, or still growing: a write in progress
+                record.unverified[index] = (now, len(data))
+                return _UNSETTLED
+            if now - first < min(_SETTLE_S, self.core.give_up_s):
+                return _UNSETTLED
+            record.unverified.pop(index, None)
+            return exc
+        record.unverified.pop(index, None)
+        try:
+            return _payload.load_result(record.job_id, body)
         except CloudExecError as exc:
             return exc
 
-    def _finish_single(self, record: _JobRecord, info: JobInfo | None) -> None:
+    def _finish_single(self, record: _JobRecord, info: JobInfo | None) -> bool:
+        """Set a single job's future from its stored result; False while that result settles."""
         future = record.future
         assert future is not None
         outcomes = self._read_outcomes(record, None)
+        if outcomes is _UNSETTLED:
+            return False
         if isinstance(outcomes, BaseException):
             future._finish(exception=_naming_the_job(outcomes, record.job_id))
         elif outcomes:
@@ -371,6 +619,7 @@ class Manager:
                 future._finish(result=value)
         else:
             future._finish(exception=job_failed(record, None, info, self.core.provider))
+        return True
 
     def _collect_children(
         self,
@@ -382,8 +631,10 @@ class Manager:
     ) -> bool:
         """Set the futures of children whose result objects appeared.
 
-        A failed child's result is taken only once the array ended
-        (``final``): until then a retry may still replace it.
+        A successful child's result is final (the runner never replaces one)
+        and delivered at once. A failed child's result is taken only once the
+        array ended (``final``): until then a retry may still replace it, so it
+        is read again at each poll, and delivered as soon as a retry succeeded.
         """
         store = self.job_store(record)
         changed = False
@@ -395,18 +646,19 @@ class Manager:
             index = int(stem)
             if index in record.children_done or index >= len(record.children):
                 continue
-            if index in record.deferred and not (final or accept_errors):
-                continue  # a failed child's result: re-read only once the array ended
             outcomes = self._read_outcomes(record, index)
-            if outcomes is None:
+            if outcomes is None or outcomes is _UNSETTLED:
                 continue
             if isinstance(outcomes, list) and not (final or accept_errors) and any(o[0] != "ok" for o in outcomes):
                 record.deferred.add(index)
                 continue
+            record.deferred.discard(index)
             self._finish_child(record, index, outcomes)
             changed = True
         if final:
-            missing = [i for i in range(len(record.children)) if i not in record.children_done]
+            missing = [
+                i for i in range(len(record.children)) if i not in record.children_done and i not in record.unverified
+            ]
             if missing:
                 if infos is None:
                     infos = self.core.describe_children(record) or []
@@ -446,6 +698,18 @@ class Manager:
     def _finish_array(self, record: _JobRecord) -> None:
         future = record.future
         assert isinstance(future, ArrayFuture)
+        if record.streaming:
+            # map()'s iterator has the values (and may have taken them already).
+            for child in record.children:
+                if child.cancelled():
+                    future._finish(exception=CancelledError(f"child {child.job_id} was cancelled"))
+                    return
+                error = child.exception(0)
+                if error is not None:
+                    future._finish(exception=error)
+                    return
+            future._finish(result=None)
+            return
         values: list[Any] = []
         for child in record.children:
             if child.cancelled():

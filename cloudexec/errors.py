@@ -21,6 +21,7 @@ __all__ = [
     "VersionMismatchError",
     "StorageError",
     "JobNotFoundError",
+    "JobUnreachableError",
     "IntegrityError",
     "RemoteTraceback",
     "RemoteError",
@@ -128,6 +129,40 @@ class StorageError(CloudExecError):
 
 class JobNotFoundError(CloudExecError, LookupError):
     """No job with that id is known to the storage or the provider."""
+
+
+class JobUnreachableError(CloudExecError):
+    """cloudexec gave up learning what became of a job: the provider or the storage kept failing.
+
+    The job itself may still run or have finished: only this client could
+    not find out. The message names the job, the last error and what to do.
+
+    Attributes:
+        job_id: cloudexec job id (with ``[index]`` for an array child).
+        reason: the last error, as text.
+        failures: failed attempts in a row.
+        waited_s: seconds from the first to the last failed attempt.
+    """
+
+    def __init__(self, job_id: str, *, reason: str, failures: int, waited_s: float) -> None:
+        self.job_id = job_id
+        self.reason = reason
+        self.failures = failures
+        self.waited_s = waited_s
+        base = job_id.split("[", 1)[0]
+        super().__init__(
+            f"gave up following job {job_id} after {failures} failed attempts in a row over {waited_s:.0f} s to "
+            f"learn its state; last error: {reason}. The job may still be running or have finished at the "
+            "provider. Fix the cause (credentials, permissions, network, the storage's access rules), then get "
+            f"its future back with executor.attach({base!r}); a longer give_up_s= rides out longer outages."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_unreachable, (self.job_id, self.reason, self.failures, self.waited_s))
+
+
+def _rebuild_unreachable(job_id: str, reason: str, failures: int, waited_s: float) -> JobUnreachableError:
+    return JobUnreachableError(job_id, reason=reason, failures=failures, waited_s=waited_s)
 
 
 class IntegrityError(CloudExecError):

@@ -134,7 +134,35 @@ def _infra_code(exc: BaseException) -> int:
 
 
 def _write_result(store: Store, job_id: str, key: bytes, index: int | None, outcomes: list[Any]) -> None:
-    store.write(_payload.result_key(index), _payload.seal_result(key, job_id, index, outcomes))
+    """Store this attempt's result, unless an earlier attempt already stored a successful one.
+
+    The first successful result is final: the client may have delivered it
+    already, and a later attempt (a retry, or a duplicate a service started)
+    must not change what a future said. A failed attempt's result is
+    replaced by a later attempt's, as the service retries it.
+    """
+    name = _payload.result_key(index)
+    if _has_successful_result(store, job_id, key, index):
+        sys.stderr.write(f"cloudexec: an earlier attempt already stored a successful {name}; it is kept\n")
+        return
+    # Checked, then written: two attempts finishing in the same instant could
+    # both write; object stores offer no portable create-if-absent.
+    store.write(name, _payload.seal_result(key, job_id, index, outcomes))
+
+
+def _has_successful_result(store: Store, job_id: str, key: bytes, index: int | None) -> bool:
+    """Whether a verified result whose every outcome succeeded is already stored (nothing is unpickled)."""
+    name = _payload.result_key(index)
+    try:
+        data = store.read(name)
+    except FileNotFoundError:
+        return False
+    try:
+        body = _keys.open_sealed(key, "result", job_id, index, data, what=name)
+        header, _ = _payload.read_header(body)
+    except (IntegrityError, _payload.PayloadError, ValueError):
+        return False  # half-written or foreign: replace it
+    return header.get("ok") is True
 
 
 def _job_key(environ: Mapping[str, str] | None = None) -> bytes:

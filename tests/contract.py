@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import dataclasses
+import gc
 import os
 import sys
 import textwrap
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -27,7 +29,7 @@ import pytest
 
 import jobs
 from cloudexec import ArrayFuture, BatchExecutor, BatchFuture, Phase
-from cloudexec.errors import JobFailedError, PayloadError, RemoteTraceback
+from cloudexec.errors import JobFailedError, JobUnreachableError, PayloadError, RemoteTraceback
 
 MakeExecutor = Callable[..., BatchExecutor]
 
@@ -255,6 +257,20 @@ class ExecutorContract:
         reasons = arr.child_job_status_reasons
         assert all("cloudexec" in (r or "") for r in reasons), reasons
 
+    @pytest.mark.timeout(60)
+    def test_describe_failing_for_good_ends_the_future(self, make_executor: MakeExecutor,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+        ex = make_executor(give_up_s=0.5)
+
+        def unreachable(refs: Any) -> Any:
+            raise ConnectionError("the batch service is unreachable")
+
+        monkeypatch.setattr(ex.provider, "describe", unreachable)
+        fut = ex.submit(jobs.nap, 3)
+        with pytest.raises(JobUnreachableError, match="the batch service is unreachable") as info:
+            fut.result(timeout=30)
+        assert info.value.job_id == fut.job_id and "attach" in str(info.value)
+
     # -- the crash matrix -----------------------------------------------------------
     # Every way a call can end badly. Each ends its future with a specific
     # exception, in bounded time, and the same executor keeps working.
@@ -337,6 +353,22 @@ class ExecutorContract:
         assert arr.job_status is not None and arr.job_status.phase is Phase.SUCCEEDED
 
     @pytest.mark.timeout(60)
+    def test_fully_consumed_map_cancels_nothing(self, make_executor: MakeExecutor,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        ex = make_executor()
+        cancels: list[tuple[Any, ...]] = []
+        real_cancel = ex.provider.cancel
+
+        def recording_cancel(*args: Any, **kwargs: Any) -> None:
+            cancels.append(args)
+            real_cancel(*args, **kwargs)
+
+        monkeypatch.setattr(ex.provider, "cancel", recording_cancel)
+        assert list(ex.map(jobs.double, range(3))) == [0, 2, 4]
+        ex.shutdown(wait=True)
+        assert cancels == []
+
+    @pytest.mark.timeout(60)
     def test_one_item_map(self, make_executor: MakeExecutor) -> None:
         ex = make_executor()
         assert list(ex.map(jobs.double, [21])) == [42]
@@ -361,6 +393,12 @@ class ExecutorContract:
             ex.with_settings(memory="lots")
         with pytest.raises(ValueError, match="max_workers must be greater than 0"):
             make_executor(max_workers=0)
+        with pytest.raises(TypeError, match="poll_interval_s must be a pair .*got 5"):
+            make_executor(poll_interval_s=5)
+        with pytest.raises(ValueError, match=r"poll_interval_s.*got \(0, 0\)"):
+            make_executor(poll_interval_s=(0, 0))
+        with pytest.raises(ValueError, match="give_up_s must be above 0"):
+            make_executor(give_up_s=-1)
 
     @pytest.mark.timeout(60)
     def test_with_settings_view_shares_the_executor(self, make_executor: MakeExecutor) -> None:
@@ -463,6 +501,35 @@ class ExecutorContract:
         assert other.attach(f"{arr.job_id}[1]").result(timeout=60) == 4
         if fut.provider_job_id:
             assert other.attach(fut.provider_job_id).result(timeout=60) == 42
+
+    @pytest.mark.timeout(60)
+    def test_attach_of_a_tracked_job_returns_the_same_future(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        fut = ex.submit(jobs.double, 21)
+        arr = ex.submit_map(jobs.double, [1, 2])
+        assert ex.attach(fut.job_id) is fut
+        assert ex.attach(arr.job_id) is arr and ex.attach(f"{arr.job_id}[1]") is arr.children[1]
+        assert fut.result(timeout=45) == 42 and arr.result(timeout=45) == [2, 4]
+        assert ex.attach(fut.job_id) is fut
+
+    @pytest.mark.timeout(60)
+    def test_free_reference(self, make_executor: MakeExecutor) -> None:
+        # CPython's executors test this: a done call's function and arguments,
+        # and results the caller dropped, are not kept (100,000-item maps).
+        ex = make_executor()
+        arg = jobs.Dummy(21)
+        arg_ref = weakref.ref(arg)
+        fut = ex.submit(jobs.identity, arg)
+        assert fut.result(timeout=45).value == 21
+        assert ex.submit(arg.double).result(timeout=45) == 42  # a bound method holds its object
+        del arg
+        gc.collect()
+        assert arg_ref() is None
+        for obj in ex.map(jobs.make_dummy, range(3)):
+            obj_ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            assert obj_ref() is None
 
     def test_attach_unknown_id(self, make_executor: MakeExecutor) -> None:
         from cloudexec.errors import JobNotFoundError

@@ -123,3 +123,23 @@ def identity(x: object) -> object:
 
 def unloadable_result() -> LoadsNowhere:
     return LoadsNowhere()
+
+
+def flaky_after(counter_path: str, fail_times: int, nap_s: float) -> int:
+    """Sleeps ``nap_s``, then behaves like `flaky`."""
+    time.sleep(nap_s)
+    return flaky(counter_path, fail_times)
+
+
+class Dummy:
+    """A plain object to hold a weak reference to."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def double(self) -> int:
+        return 2 * self.value
+
+
+def make_dummy(value: int) -> Dummy:
+    return Dummy(value)

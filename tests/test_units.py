@@ -501,3 +501,491 @@ def test_a_capture_hook_that_cannot_start_costs_the_job_nothing(capsys: pytest.C
     assert runner._start_capture("cloudexec_no_such_module:start") is None
     assert "cannot start the output capture 'cloudexec_no_such_module:start'" in capsys.readouterr().err
     assert runner._start_capture("cloudexec.settings:JobSettings") == JobSettings()  # module:callable is called
+
+
+class LaggingProvider(FakeProvider):
+    """Reports an ended job as still running for ``lag_s`` (AWS reports a job ended seconds after its result
+    exists), and records every cancel."""
+
+    def __init__(self, lag_s: float) -> None:
+        super().__init__()
+        self.lag_s = lag_s
+        self.ended_at: dict[str, float] = {}
+        self.cancels: list[tuple[str, int | None]] = []
+
+    def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
+        import dataclasses
+
+        infos = super().describe(refs)
+        now = time.monotonic()
+        for ref, info in infos.items():
+            if info.status is not None and info.status.terminal:
+                if now - self.ended_at.setdefault(ref, now) < self.lag_s:
+                    infos[ref] = dataclasses.replace(info, status=FakeJobStatus.RUNNING, exit_code=None)
+        return infos
+
+    def cancel(self, ref: str, reason: str, *, index: int | None = None) -> None:
+        self.cancels.append((ref, index))
+        super().cancel(ref, reason, index=index)
+
+
+# -- map: only an abandoned iterator cancels -------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_fully_consumed_map_cancels_nothing_while_the_status_lags() -> None:
+    provider = LaggingProvider(lag_s=1.5)
+    with BatchExecutor(provider, f"memory://lag-{time.time_ns()}") as ex:
+        for _ in range(3):
+            assert list(ex.map(jobs.double, range(4))) == [0, 2, 4, 6]
+    assert provider.cancels == []
+
+
+@pytest.mark.timeout(30)
+def test_abandoned_map_cancels_what_remains() -> None:
+    provider = LaggingProvider(lag_s=0.0)
+    with BatchExecutor(provider, f"memory://abandon-{time.time_ns()}") as ex:
+        results = ex.map(jobs.nap, [0.0, 20.0])
+        next(results)
+        results.close()  # the caller left the loop early
+        assert len(provider.cancels) == 1
+
+
+# -- cancel() never raises ---------------------------------------------------------------
+
+
+def _queued_future(ex: BatchExecutor) -> Any:
+    """A future of a job that is never dispatched (no manager involved)."""
+    from cloudexec._base import BatchFuture, _JobRecord
+
+    record = _JobRecord(job_id="race-1", store=ex._core.store, name="race", settings=ex.settings, size=None)
+    return BatchFuture(ex._core, record)
+
+
+def test_cancel_does_not_raise_when_the_manager_marks_the_future_running_meanwhile() -> None:
+    from concurrent.futures import Future
+
+    with BatchExecutor(FakeProvider(), f"memory://race-{time.time_ns()}") as ex:
+        fut = _queued_future(ex)
+        real = fut.set_running_or_notify_cancel
+
+        def manager_step() -> None:
+            try:
+                Future.set_running_or_notify_cancel(fut)
+            except RuntimeError:
+                pass  # the manager's side may lose; cancel() must not
+
+        def racing() -> bool:
+            # The manager thread acts right in the middle of cancel().
+            other = threading.Thread(target=manager_step)
+            other.start()
+            other.join(0.3)
+            return bool(real())
+
+        fut.set_running_or_notify_cancel = racing
+        assert fut.cancel() is True
+        assert fut.cancelled()
+
+
+def test_cancel_and_mark_running_race_many_times() -> None:
+    import sys
+
+    with BatchExecutor(FakeProvider(), f"memory://races-{time.time_ns()}") as ex:
+        futures = [_queued_future(ex) for _ in range(3000)]
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(2)
+
+        def run(step: Any) -> None:
+            barrier.wait()
+            for fut in futures:
+                try:
+                    step(fut)
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=run, args=(step,)) for step in (lambda f: f._mark_running(),
+                                                                               lambda f: f.cancel())]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(old)
+        assert errors == []
+        assert all(f.cancelled() or f.running() for f in futures)
+
+
+# -- constructor arguments ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"poll_interval_s": 5}, TypeError, r"poll_interval_s must be a pair .*got 5"),
+        ({"poll_interval_s": (1, 2, 3)}, TypeError, r"got \(1, 2, 3\)"),
+        ({"poll_interval_s": (0, 0)}, ValueError, r"above 0 and at most 3600 seconds; got \(0, 0\)"),
+        ({"poll_interval_s": (-1, 5)}, ValueError, r"got \(-1, 5\)"),
+        ({"poll_interval_s": (5, 1)}, ValueError, r"first pause \(5 s\) must not exceed the longest \(1 s\)"),
+        ({"poll_interval_s": (1, float("nan"))}, ValueError, r"at most 3600 seconds; got \(1, nan\)"),
+        ({"poll_interval_s": ("1", 2)}, TypeError, r"number of seconds; got \('1', 2\)"),
+        ({"max_workers": 0}, ValueError, r"max_workers must be greater than 0 .*got 0"),
+        ({"max_workers": 2.5}, TypeError, r"max_workers must be an int .*got 2.5"),
+        ({"give_up_s": 0}, ValueError, r"give_up_s must be above 0 .*got 0"),
+        ({"give_up_s": float("inf")}, ValueError, r"give_up_s .*got inf"),
+        ({"give_up_s": "1m"}, TypeError, r"give_up_s must be a number of seconds; got '1m'"),
+    ],
+)
+def test_constructor_arguments_are_validated_showing_the_value(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        BatchExecutor(FakeProvider(), f"memory://args-{time.time_ns()}", **kwargs)
+
+
+# -- nothing waits forever -------------------------------------------------------------------
+
+
+class FailingProvider(FakeProvider):
+    """``describe`` raises for its next ``fail_next`` calls (-1: for good)."""
+
+    def __init__(self, service: FakeBatchService | None = None) -> None:
+        super().__init__()
+        if service is not None:
+            self.service = service
+        self.fail_next = 0
+        self.failed = 0
+
+    def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
+        if self.fail_next:
+            self.fail_next -= 1 if self.fail_next > 0 else 0
+            self.failed += 1
+            raise ConnectionError("connection reset by peer")
+        return super().describe(refs)
+
+
+def _no_result_service() -> FakeBatchService:
+    """A service whose jobs end (exit 3) without writing any result."""
+    return FakeBatchService(runner=lambda job_url, index: 3)
+
+
+@pytest.mark.timeout(30)
+def test_describe_failing_for_good_ends_the_futures_with_a_clear_error() -> None:
+    from cloudexec.errors import JobUnreachableError
+
+    provider = FailingProvider(_no_result_service())
+    provider.fail_next = -1
+    ex = BatchExecutor(provider, f"memory://unreachable-{time.time_ns()}", give_up_s=0.3)
+    fut = ex.submit(jobs.double, 1)
+    arr = ex.submit_map(jobs.double, [1, 2])
+    with pytest.raises(JobUnreachableError) as info:
+        fut.result(timeout=20)
+    err = info.value
+    assert err.job_id == fut.job_id and "ConnectionError: connection reset by peer" in str(err)
+    assert f"executor.attach({fut.job_id!r})" in str(err) and err.failures >= 3
+    with pytest.raises(JobUnreachableError, match=arr.job_id):
+        arr.result(timeout=20)
+    assert all(isinstance(c.exception(0), JobUnreachableError) for c in arr.children)
+    started = time.monotonic()
+    ex.shutdown(wait=True)
+    print(f"shutdown took {time.monotonic() - started:.2f} s; {provider.failed} failed describes")
+
+
+@pytest.mark.timeout(30)
+def test_a_few_failed_describes_in_a_row_fail_nothing() -> None:
+    provider = FailingProvider(_no_result_service())
+    with BatchExecutor(provider, f"memory://transient-{time.time_ns()}", give_up_s=0.2,
+                       poll_interval_s=(0.01, 0.02)) as ex:
+        provider.fail_next = 2  # fewer than the failures needed to give up, whatever the time
+        fut = ex.submit(jobs.double, 1)
+        with pytest.raises(JobFailedError, match="exit code: 3"):  # the job's own outcome, not a give-up
+            fut.result(timeout=20)
+    assert provider.failed == 2
+
+
+@pytest.mark.timeout(30)
+def test_result_read_failing_for_good_ends_the_future(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudexec.errors import JobUnreachableError
+
+    real_read = FsspecStore.read
+
+    def denied(self: FsspecStore, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        if key.endswith(_payload.RESULT) or key.startswith(_payload.RESULTS_DIR):
+            raise PermissionError("403 Forbidden: the credentials expired")
+        return real_read(self, key, start, end)
+
+    monkeypatch.setattr(FsspecStore, "read", denied)
+    with BatchExecutor(FakeProvider(), f"memory://denied-{time.time_ns()}", give_up_s=0.3) as ex:
+        fut = ex.submit(jobs.double, 1)
+        with pytest.raises(JobUnreachableError, match="PermissionError: 403 Forbidden") as info:
+            fut.result(timeout=20)
+        assert info.value.job_id == fut.job_id
+
+
+def _write_result_then(restore_after_s: float | None) -> Any:
+    """A runner that writes the real result, leaves a truncated copy in its place, and puts the whole one
+    back ``restore_after_s`` later (``None``: never): a write that is not atomic, seen half-way."""
+    from cloudexec import runner
+
+    def run(job_url: str, index: int | None, environ: dict[str, str]) -> int:
+        code = runner.run_job(job_url, index=index, environ=environ)
+        store = open_store(job_url)
+        whole = store.read(_payload.RESULT)
+        store.write(_payload.RESULT, whole[: len(whole) // 2])
+        if restore_after_s is not None:
+            threading.Timer(restore_after_s, store.write, (_payload.RESULT, whole)).start()
+        return code
+
+    return run
+
+
+class _EnvRunnerService(FakeBatchService):
+    """Passes each job's environment (its key) to ``runner``."""
+
+    def __init__(self, runner: Any) -> None:
+        super().__init__()
+        self._env_runner = runner
+
+    def submit(self, spec: JobSpec) -> str:
+        self._runner = lambda job_url, index: self._env_runner(job_url, index, spec.environment)
+        return super().submit(spec)
+
+
+@pytest.mark.timeout(30)
+def test_a_half_written_result_is_read_again_until_whole() -> None:
+    service = _EnvRunnerService(_write_result_then(0.5))
+    with BatchExecutor(FakeProvider(), f"memory://half-{time.time_ns()}") as ex:
+        ex._core.provider.service = service  # type: ignore[attr-defined]
+        assert ex.submit(jobs.double, 21).result(timeout=20) == 42
+
+
+@pytest.mark.timeout(30)
+def test_a_result_that_stays_truncated_is_refused_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloudexec._poller as poller
+    from cloudexec.errors import IntegrityError
+
+    monkeypatch.setattr(poller, "_SETTLE_S", 0.3)
+    service = _EnvRunnerService(_write_result_then(None))  # the rest never comes
+    with BatchExecutor(FakeProvider(), f"memory://trunc-{time.time_ns()}") as ex:
+        ex._core.provider.service = service  # type: ignore[attr-defined]
+        fut = ex.submit(jobs.double, 21)
+        with pytest.raises(IntegrityError, match="truncated|signature does not match"):
+            fut.result(timeout=20)
+
+
+# -- attach of a tracked job ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_attach_of_a_job_the_executor_follows_returns_its_future() -> None:
+    with BatchExecutor(FakeProvider(), f"memory://same-{time.time_ns()}", max_workers=1) as ex:
+        running = ex.submit(jobs.nap, 0.5)
+        queued = ex.submit(jobs.double, 2)  # not handed to the provider yet: no manifest
+        arr = ex.submit_map(jobs.double, [1, 2])
+        assert ex.attach(running.job_id) is running
+        assert ex.attach(queued.job_id) is queued
+        assert ex.attach(arr.job_id) is arr and ex.attach(f"{arr.job_id}[1]") is arr.children[1]
+        assert queued.result(timeout=20) == 4 and arr.result(timeout=20) == [2, 4]
+        assert ex.attach(running.provider_job_id or "") is running
+
+
+@pytest.mark.timeout(30)
+def test_two_threads_attaching_at_once_get_one_future() -> None:
+    provider = FakeProvider()
+    io_url = f"memory://twice-{time.time_ns()}"
+    with BatchExecutor(provider, io_url) as ex:
+        job_id = ex.submit(jobs.nap, 0.3).job_id
+        deadline = time.monotonic() + 10
+        while not ex._core.store.exists(f"{job_id}/{_payload.MANIFEST}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with BatchExecutor(provider, io_url) as other:
+            barrier = threading.Barrier(8)
+            got: list[Any] = []
+
+            def attach() -> None:
+                barrier.wait()
+                got.append(other.attach(job_id))
+
+            import sys
+
+            old = sys.getswitchinterval()
+            sys.setswitchinterval(1e-6)  # interleave the attaching threads as much as possible
+            try:
+                threads = [threading.Thread(target=attach) for _ in range(8)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+            finally:
+                sys.setswitchinterval(old)
+            assert len(got) == 8 and all(f is got[0] for f in got)
+            assert got[0].result(timeout=20)[1] > 0
+
+
+# -- attach finds every job that may run --------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_job_is_attachable_before_the_provider_can_start_it() -> None:
+    io_url = f"memory://early-{time.time_ns()}"
+    provider = FakeProvider()
+    attached: list[Any] = []
+    with BatchExecutor(provider, io_url) as other:
+        submit = provider.submit
+
+        def submit_and_attach(spec: JobSpec) -> str:
+            # The job may start as soon as the provider has it: another client attaches right then.
+            attached.append(other.attach(spec.job_id))
+            return submit(spec)
+
+        provider.submit = submit_and_attach  # type: ignore[method-assign]
+        with BatchExecutor(provider, io_url) as ex:
+            fut = ex.submit(jobs.double, 21)
+            assert fut.result(timeout=20) == 42
+        assert len(attached) == 1 and attached[0].result(timeout=20) == 42
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_manifest_update_after_submission_does_not_fail_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    provider = FakeProvider()
+    real_write = FsspecStore.write
+    submitted: list[str] = []
+    submit = provider.submit
+
+    def recording_submit(spec: JobSpec) -> str:
+        submitted.append(spec.job_id)
+        return submit(spec)
+
+    def flaky_write(self: FsspecStore, key: str, data: bytes) -> None:
+        if key == _payload.MANIFEST and submitted and len(submitted) < 3:
+            submitted.append("write failed")
+            raise ConnectionError("storage write timed out")
+        real_write(self, key, data)
+
+    provider.submit = recording_submit  # type: ignore[method-assign]
+    monkeypatch.setattr(FsspecStore, "write", flaky_write)
+    with BatchExecutor(provider, f"memory://mfail-{time.time_ns()}") as ex:
+        fut = ex.submit(jobs.double, 21)
+        assert fut.result(timeout=20) == 42  # it ran: never "nothing submitted"
+        assert "write failed" in submitted
+        with BatchExecutor(provider, ex.io_url) as other:
+            assert other.attach(fut.job_id).result(timeout=20) == 42
+
+
+# -- a dead manager breaks the executor --------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_dead_manager_thread_breaks_pending_futures_and_later_submits() -> None:
+    import sys
+    from concurrent.futures import BrokenExecutor
+
+    ex = BatchExecutor(FakeProvider(), f"memory://broken-{time.time_ns()}", max_workers=1)
+    blocker = ex.submit(jobs.nap, 0.5)
+    first = ex.submit(jobs.double, 1)  # queued behind the blocker: its callback runs in the manager thread
+    first.add_done_callback(lambda f: sys.exit(3))
+    pending = ex.submit(jobs.double, 2)
+    assert blocker.result(timeout=20)[1] > 0
+    with pytest.raises(BrokenExecutor, match=f"job {pending.job_id}: the cloudexec manager thread died"):
+        pending.result(timeout=20)
+    with pytest.raises(BrokenExecutor, match="SystemExit"):
+        ex.submit(jobs.double, 3)
+    with pytest.raises(BrokenExecutor):
+        ex.submit_map(jobs.double, [1])
+    started = time.monotonic()
+    ex.shutdown(wait=True)
+    assert time.monotonic() - started < 5
+
+
+# -- jobs are handed over before the interpreter exits; a dropped executor stops its thread -------
+
+
+@pytest.mark.timeout(60)
+def test_jobs_submitted_by_a_script_that_exits_without_shutdown_reach_the_provider(tmp_path: Any) -> None:
+    from contract import run_script
+
+    io_url = "file://" + str(tmp_path / "io")
+    log_path = tmp_path / "submitted.txt"
+    out = run_script(
+        f"""
+        import operator, time
+        from cloudexec.testing.fake import FakeBatchExecutor, FakeBatchProvider
+
+        def slow_submit(self, spec, _real=FakeBatchProvider.submit):
+            time.sleep(0.3)  # a SubmitJob round trip
+            ref = _real(self, spec)
+            with open({str(log_path)!r}, "a") as fh:
+                fh.write(spec.job_id + "\\n")
+            return ref
+
+        FakeBatchProvider.submit = slow_submit
+        ex = FakeBatchExecutor({io_url!r}, max_workers=10)
+        for i in range(3):
+            print(ex.submit(operator.neg, i).job_id)
+        # no shutdown(): the script just ends
+        """,
+        env={"PYTHONPATH": os.getcwd(), "CLOUDEXEC_KEY": "k" * 40},
+    )
+    job_ids = out.split()
+    assert len(job_ids) == 3
+    assert log_path.read_text().split() == job_ids
+    with BatchExecutor(FakeProvider(), io_url, key="k" * 40) as ex:
+        for job_id in job_ids:
+            again = ex.attach(job_id)  # its jobs died with that process's in-process service: just found
+            assert again.job_id == job_id
+            again.cancel()
+
+
+@pytest.mark.timeout(30)
+def test_an_executor_dropped_without_shutdown_stops_its_thread() -> None:
+    import gc
+
+    ex = BatchExecutor(FakeProvider(), f"memory://dropped-{time.time_ns()}")
+    view = ex.with_settings(retries=1)
+    fut = view.submit(jobs.double, 2)
+    assert fut.result(timeout=20) == 4
+    thread = ex._core.manager.thread
+    assert thread is not None and thread.is_alive()
+    del ex
+    gc.collect()
+    time.sleep(0.3)
+    assert thread.is_alive()  # the view still uses it
+    del view
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert fut.result() == 4
+
+
+# -- the first successful result is final and delivered at once -------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_second_attempt_does_not_replace_a_successful_result(tmp_path: Any) -> None:
+    from cloudexec import runner
+
+    def twice(job_url: str, index: int | None, environ: dict[str, str]) -> int:
+        # The service ran the job twice (a retry after a lost heartbeat, a duplicate delivery).
+        runner.run_job(job_url, index=index, environ=environ)
+        return runner.run_job(job_url, index=index, environ=environ)
+
+    service = _EnvRunnerService(twice)
+    with BatchExecutor(FakeProvider(), f"memory://twice-{time.time_ns()}") as ex:
+        ex._core.provider.service = service  # type: ignore[attr-defined]
+        fut = ex.submit(jobs.flaky, str(tmp_path / "count"), 0)  # returns its attempt number
+        assert fut.result(timeout=20) == 1
+        assert (tmp_path / "count").read_text() == "2"  # the second attempt did run
+        again = BatchExecutor(FakeProvider(), ex.io_url)
+        assert again.attach(fut.job_id).result(timeout=20) == 1
+        again.shutdown()
+
+
+@pytest.mark.timeout(30)
+def test_a_child_whose_retry_succeeded_is_delivered_before_the_array_ends(tmp_path: Any) -> None:
+    with BatchExecutor(FakeProvider(), f"memory://retry-{time.time_ns()}", retries=1) as ex:
+        arr = ex.submit_map(jobs.flaky_after, [str(tmp_path / "a"), str(tmp_path / "b")], [1, 0], [0.0, 6.0])
+        assert arr.children[0].result(timeout=4) == 2  # its second attempt succeeded
+        assert not arr.done()  # child 1 still naps
+        assert arr.result(timeout=20) == [2, 1]

@@ -668,7 +668,7 @@ class FailingProvider(FakeProvider):
 
 def _no_result_service() -> FakeBatchService:
     """A service whose jobs end (exit 3) without writing any result."""
-    return FakeBatchService(runner=lambda job_url, index: 3)
+    return FakeBatchService(runner=lambda job_url, index, environ: 3)
 
 
 @pytest.mark.timeout(30)
@@ -745,12 +745,7 @@ class _EnvRunnerService(FakeBatchService):
     """Passes each job's environment (its key) to ``runner``."""
 
     def __init__(self, runner: Any) -> None:
-        super().__init__()
-        self._env_runner = runner
-
-    def submit(self, spec: JobSpec) -> str:
-        self._runner = lambda job_url, index: self._env_runner(job_url, index, spec.environment)
-        return super().submit(spec)
+        super().__init__(runner=runner)
 
 
 @pytest.mark.timeout(30)

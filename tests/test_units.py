@@ -587,9 +587,23 @@ def test_cancel_does_not_raise_when_the_manager_marks_the_future_running_meanwhi
         assert fut.cancelled()
 
 
-def test_cancel_and_mark_running_race_many_times() -> None:
+def _run_interleaved(targets: list[Any]) -> None:
+    """Run each target in its own thread, switching threads as often as CPython allows."""
     import sys
 
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=target) for target in targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_cancel_and_mark_running_race_many_times() -> None:
     with BatchExecutor(FakeProvider(), f"memory://races-{time.time_ns()}") as ex:
         futures = [_queued_future(ex) for _ in range(3000)]
         errors: list[BaseException] = []
@@ -603,17 +617,7 @@ def test_cancel_and_mark_running_race_many_times() -> None:
                 except BaseException as exc:  # noqa: BLE001
                     errors.append(exc)
 
-        old = sys.getswitchinterval()
-        sys.setswitchinterval(1e-6)
-        try:
-            threads = [threading.Thread(target=run, args=(step,)) for step in (lambda f: f._mark_running(),
-                                                                               lambda f: f.cancel())]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        finally:
-            sys.setswitchinterval(old)
+        _run_interleaved([lambda: run(lambda f: f._mark_running()), lambda: run(lambda f: f.cancel())])
         assert errors == []
         assert all(f.cancelled() or f.running() for f in futures)
 
@@ -803,18 +807,7 @@ def test_two_threads_attaching_at_once_get_one_future() -> None:
                 barrier.wait()
                 got.append(other.attach(job_id))
 
-            import sys
-
-            old = sys.getswitchinterval()
-            sys.setswitchinterval(1e-6)  # interleave the attaching threads as much as possible
-            try:
-                threads = [threading.Thread(target=attach) for _ in range(8)]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
-            finally:
-                sys.setswitchinterval(old)
+            _run_interleaved([attach] * 8)
             assert len(got) == 8 and all(f is got[0] for f in got)
             assert got[0].result(timeout=20)[1] > 0
 

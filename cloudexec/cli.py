@@ -37,7 +37,8 @@ The executor the command works through is built from, later winning:
 The keys of a profile are the keyword arguments of the provider's executor
 class (``help(cloudexec.AWSBatchExecutor)``); this module reaches providers only
 through `cloudexec.providers.executor_class`. Cloud credentials come from where
-the SDKs look for them (``AWS_PROFILE``, ``az login``…). An error is one line
+the SDKs look for them (``AWS_PROFILE``, ``az login``…; a Batch account's shared key
+from ``AZURE_BATCH_ACCOUNT``/``AZURE_BATCH_ACCESS_KEY``). An error is one line
 saying what failed and what to do; ``--debug`` shows the traceback.
 """
 

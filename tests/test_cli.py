@@ -343,3 +343,52 @@ def test_status_of_a_large_array_summarises_per_child_lists(tmp_path: Path) -> N
     assert line.endswith("(25 in all; --json shows every one)")
     res = run("--provider", "local", "--set", f"io_root={stored_root}", "status", "--json", arr.job_id)
     assert json.loads(res.output)["child_job_exit_codes"] == [0] * 25
+
+
+@pytest.fixture(scope="module")
+def azure_emu() -> Iterator[Any]:
+    from cloudexec.testing.azure import azure_batch_emulator
+
+    with azure_batch_emulator(slots=2) as emulator:
+        yield emulator
+
+
+@pytest.mark.azure
+class TestAgainstAzureEmulator:
+    """The same commands through the azure provider, configured from the environment only
+    (the Batch account's shared key from the Azure CLI's own variables)."""
+
+    @pytest.fixture
+    def env(self, azure_emu: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+        key = azure_emu.credential().named_key
+        env = dict(
+            azure_emu.env(),
+            CLOUDEXEC_PROVIDER="azure",
+            CLOUDEXEC_POOL_ID=azure_emu.pool_id,
+            CLOUDEXEC_STORAGE=azure_emu.storage_url,
+            CLOUDEXEC_BATCH_URL=azure_emu.batch_url,
+            AZURE_BATCH_ACCOUNT=key.name,
+            AZURE_BATCH_ACCESS_KEY=key.key,
+        )
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return env
+
+    def test_jobs_status_logs_result_cancel(self, azure_emu: Any, env: dict[str, str]) -> None:
+        with azure_emu.executor(poll_interval_s=(0.05, 0.3)) as ex:
+            done = ex.submit(J.shout, "azure")
+            assert done.result(timeout=60) == "AZURE"
+            slow = ex.submit(J.nap, 60)
+            res = run("jobs", "--json")
+            assert res.exit_code == 0, res.output
+            listed = {json.loads(line)["job_id"]: json.loads(line)["status"] for line in res.output.splitlines()}
+            assert listed[done.job_id] == "Succeeded" and slow.job_id in listed
+            assert run("result", done.job_id).output.strip() == "AZURE"
+            assert "stdout says azure" in run("logs", done.job_id).output
+            res = run("cancel", slow.job_id)
+            assert res.exit_code == 0 and "cancel requested" in res.output, res.output
+            slow.exception(timeout=60)
+            status = json.loads(run("status", "--json", slow.job_id).output)
+            assert status["job_status"] == "Failed" and "cloudexec" in (status["job_status_reason"] or "")
+            res = run("doctor", "--no-job")
+            assert res.exit_code == 0 and "ok   storage" in res.output, res.output

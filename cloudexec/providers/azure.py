@@ -670,7 +670,9 @@ class AzureBatchExecutor(BatchExecutor):
         storage: ``az://<container>/<prefix>`` for calls and results (required);
             the container must exist. Each job also gets a container
             ``job-<jobId>`` in the same account for its logs and outputs.
-        credential: for Batch, an ``AzureNamedKeyCredential(account, key)`` or any
+        credential: for Batch, an ``AzureNamedKeyCredential(account, key)`` (default
+            from ``AZURE_BATCH_ACCOUNT`` and ``AZURE_BATCH_ACCESS_KEY`` when both
+            are set, as the Azure CLI reads them) or any
             azure-identity ``TokenCredential``; default ``DefaultAzureCredential()``.
         storage_options: adlfs options for the storage account: ``account_name``
             with ``account_key``/``sas_token``/``credential``, or
@@ -745,6 +747,11 @@ class AzureBatchExecutor(BatchExecutor):
             from azure.core.credentials import AzureNamedKeyCredential
         except ImportError as exc:
             raise ImportError("AzureBatchExecutor needs azure-batch and adlfs: pip install 'cloudexec[azure]'") from exc
+        shared_key = (os.environ.get("AZURE_BATCH_ACCOUNT"), os.environ.get("AZURE_BATCH_ACCESS_KEY"))
+        if credential is None and all(shared_key):
+            # The Azure CLI's own variables for a Batch account's shared key
+            # (az batch reads the same): what a config file or a CI job can give.
+            credential = AzureNamedKeyCredential(*cast("tuple[str, str]", shared_key))
         if credential is None:
             try:
                 from azure.identity import DefaultAzureCredential

@@ -225,6 +225,28 @@ def emu() -> Iterator[Any]:
         yield emulator
 
 
+def _jobs_result_logs_cancel_status(ex: Any, word: str, *, succeeded: str, failed: str) -> tuple[Any, Any]:
+    """jobs, result, logs, cancel and status on a finished and a running job of ``ex``, through the command.
+
+    ``succeeded``/``failed`` are the provider's own status names; returns (finished job, cancelled job).
+    """
+    done = ex.submit(J.shout, word)
+    assert done.result(timeout=60) == word.upper()
+    slow = ex.submit(J.nap, 60)
+    res = run("jobs", "--json")
+    assert res.exit_code == 0, res.output
+    listed = {json.loads(line)["job_id"]: json.loads(line)["status"] for line in res.output.splitlines()}
+    assert listed[done.job_id] == succeeded and slow.job_id in listed
+    assert run("result", done.job_id).output.strip() == word.upper()
+    assert f"stdout says {word}" in run("logs", done.job_id).output
+    res = run("cancel", slow.job_id)
+    assert res.exit_code == 0 and "cancel requested" in res.output, res.output
+    slow.exception(timeout=60)
+    status = json.loads(run("status", "--json", slow.job_id).output)
+    assert status["job_status"] == failed and "cloudexec" in (status["job_status_reason"] or "")
+    return done, slow
+
+
 @pytest.mark.aws
 class TestAgainstAWSEmulator:
     """The same commands through the aws provider, configured from the environment only."""
@@ -245,21 +267,8 @@ class TestAgainstAWSEmulator:
 
     def test_jobs_status_logs_result_cancel_cleanup(self, emu: Any, env: dict[str, str]) -> None:
         with emu.executor() as ex:
-            done = ex.submit(J.shout, "aws")
-            assert done.result(timeout=60) == "AWS"
-            slow = ex.submit(J.nap, 60)
-            res = run("jobs", "--json")
-            assert res.exit_code == 0, res.output
-            listed = {json.loads(line)["job_id"]: json.loads(line)["status"] for line in res.output.splitlines()}
-            assert listed[done.job_id] == "SUCCEEDED" and slow.job_id in listed
-            assert run("result", done.job_id).output.strip() == "AWS"
-            assert "stdout says aws" in run("logs", done.job_id).output
-            res = run("cancel", slow.job_id)
-            assert res.exit_code == 0 and "cancel requested" in res.output, res.output
-            slow.exception(timeout=60)
+            done, slow = _jobs_result_logs_cancel_status(ex, "aws", succeeded="SUCCEEDED", failed="FAILED")
             assert slow.cancelled() or str(slow.job_status) == "FAILED"
-            status = json.loads(run("status", "--json", slow.job_id).output)
-            assert status["job_status"] == "FAILED" and "cloudexec" in (status["job_status_reason"] or "")
             res = run("cleanup", "--older-than", "0s", "--yes")
             assert res.exit_code == 0 and f"deleted {done.job_id}" in res.output, res.output
             res = run("doctor", "--no-job")
@@ -376,19 +385,6 @@ class TestAgainstAzureEmulator:
 
     def test_jobs_status_logs_result_cancel(self, azure_emu: Any, env: dict[str, str]) -> None:
         with azure_emu.executor(poll_interval_s=(0.05, 0.3)) as ex:
-            done = ex.submit(J.shout, "azure")
-            assert done.result(timeout=60) == "AZURE"
-            slow = ex.submit(J.nap, 60)
-            res = run("jobs", "--json")
-            assert res.exit_code == 0, res.output
-            listed = {json.loads(line)["job_id"]: json.loads(line)["status"] for line in res.output.splitlines()}
-            assert listed[done.job_id] == "Succeeded" and slow.job_id in listed
-            assert run("result", done.job_id).output.strip() == "AZURE"
-            assert "stdout says azure" in run("logs", done.job_id).output
-            res = run("cancel", slow.job_id)
-            assert res.exit_code == 0 and "cancel requested" in res.output, res.output
-            slow.exception(timeout=60)
-            status = json.loads(run("status", "--json", slow.job_id).output)
-            assert status["job_status"] == "Failed" and "cloudexec" in (status["job_status_reason"] or "")
+            _jobs_result_logs_cancel_status(ex, "azure", succeeded="Succeeded", failed="Failed")
             res = run("doctor", "--no-job")
             assert res.exit_code == 0 and "ok   storage" in res.output, res.output

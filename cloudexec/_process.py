@@ -20,6 +20,12 @@ is the only place that does them::
     Watcher                      one selector for many processes (pidfds) and
                                  pipes, so 1,000 running children cost one thread
 
+    start(..., die_with_owner=True)     Linux: the job gets SIGKILL if the thread
+                                        that started it dies (prctl PDEATHSIG), so
+                                        a SIGKILLed emulator leaves no job behind
+    remove_when_owner_dies(path)        a `sh` sidecar deletes a scratch folder
+                                        once this process is gone, however it died
+
 The environment rule (:func:`job_environment`): a job gets a clean environment
 — the :data:`PASSTHROUGH_ENV` names only, as a container would — plus
 ``PYTHONPATH`` reaching this cloudexec and, optionally, the caller's import
@@ -267,8 +273,23 @@ def start(
     stderr: int | IO[Any] | None = subprocess.DEVNULL,
     stdin: int | IO[Any] | None = subprocess.DEVNULL,
     pass_fds: Iterable[int] = (),
+    die_with_owner: bool = False,
 ) -> Process:
     """Start a job process in its own session; ``python``/``python3`` mean this interpreter.
+
+    Args:
+        argv: The command line.
+        env: Its whole environment.
+        cwd: Its working directory.
+        stdout: Where its stdout goes.
+        stderr: Where its stderr goes.
+        stdin: Where its stdin comes from.
+        pass_fds: File descriptors it inherits.
+        die_with_owner: On Linux, SIGKILL the process when the thread that started
+            it ends (``prctl(PR_SET_PDEATHSIG)``): for emulators, whose jobs must
+            not outlive them even when they are SIGKILLed. Only for processes
+            started from a thread that lives as long as they should. Elsewhere
+            ignored.
 
     Raises:
         OSError: The program cannot be started (FileNotFoundError if missing).
@@ -290,8 +311,102 @@ def start(
         stderr=stderr,
         pass_fds=tuple(pass_fds),
         start_new_session=True,  # own process group, so a kill reaches the whole tree
+        preexec_fn=owner_death_signal() if die_with_owner else None,
     )
     return Process(popen)
+
+
+def owner_death_signal() -> Any:
+    """A ``preexec_fn`` making the child get SIGKILL when its starting thread dies (Linux), or None.
+
+    Used by every place that starts an emulator's job process with ``Popen``.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+    owner = os.getpid()
+
+    def set_death_signal() -> None:
+        # Runs in the child between fork and exec: only the already-resolved libc
+        # call and os calls, nothing that imports or allocates much (CPython's
+        # warning about preexec_fn and threads is about exactly that).
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != owner:
+            # The owner died between fork and prctl: the signal will never come.
+            os._exit(137)
+
+    return set_death_signal
+
+
+_PR_SET_PDEATHSIG = 1
+
+# Waits on its stdin: the owner writes "done" on a normal close; EOF without it
+# means the owner died (its end of the pipe closes however it was killed), and
+# then the process groups it named are killed too. The folder goes either way.
+_REMOVER_SCRIPT = """
+read -r verdict
+folder=$1; shift
+if [ "$verdict" != done ]; then
+    for group in "$@"; do kill -9 "-$group" 2>/dev/null; done
+fi
+exec rm -rf -- "$folder"
+"""
+
+
+class FolderRemover:
+    """Deletes a folder once its owner process is gone; see :func:`remove_when_owner_dies`."""
+
+    def __init__(self, path: str | os.PathLike[str], kill_groups: Iterable[int] = ()) -> None:
+        self.path = os.fspath(path)
+        groups = [str(int(g)) for g in kill_groups]
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            ["/bin/sh", "-c", _REMOVER_SCRIPT, "cloudexec-remover", self.path, *groups],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C or kill aimed at the owner's group must not
+            # stop the one process that cleans up after it.
+            start_new_session=True,
+        )
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Delete the folder now (through the sidecar) and wait for it. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            # "done": the owner stopped its processes itself; their ids may be reused.
+            with contextlib.suppress(OSError):
+                proc.stdin.write(b"done\n")
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def remove_when_owner_dies(path: str | os.PathLike[str], kill_groups: Iterable[int] = ()) -> FolderRemover:
+    """Make sure ``path`` is deleted when this process ends, even by SIGKILL.
+
+    A ``/bin/sh`` sidecar holds the read end of a pipe whose write end only this
+    process has; when this process dies the pipe closes and the sidecar deletes
+    the folder (after SIGKILLing ``kill_groups``). Call ``close()`` on a normal
+    shutdown.
+
+    Args:
+        path: The folder to delete.
+        kill_groups: Process groups (e.g. a server started in its own session)
+            to SIGKILL if the owner dies without closing the handle.
+
+    Returns:
+        The handle whose ``close()`` deletes the folder now.
+    """
+    return FolderRemover(path, kill_groups)
 
 
 class Watcher:

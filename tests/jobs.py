@@ -143,3 +143,8 @@ class Dummy:
 
 def make_dummy(value: int) -> Dummy:
     return Dummy(value)
+
+
+def slow_double(x: int, seconds: float = 0.3) -> int:
+    time.sleep(seconds)
+    return 2 * x

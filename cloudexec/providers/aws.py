@@ -580,14 +580,20 @@ class AWSBatchExecutor(BatchExecutor):
 
 
 def _s3fs_options(session: Any, endpoint_url: str | None, retry_mode: str, attempts: int) -> dict[str, Any]:
-    """s3fs options carrying the boto3 session's credentials, region and endpoint."""
+    """s3fs options that follow the boto3 session's credentials, region and endpoint.
+
+    The keys are never copied: temporary credentials (STS, SSO, an instance role)
+    rotate while the executor lives, and S3 calls must keep working as the Batch
+    calls (made by the session's own clients) do. s3fs gets an aiobotocore session
+    whose credentials ask the boto3 session's credential object each time, so
+    botocore's own refresh logic serves both.
+    """
+    # botocore's retry mode handles S3's SlowDown/5xx and dropped connections; s3fs
+    # adds its own few retries (S3FileSystem.retries) around reads on top.
     options: dict[str, Any] = {"config_kwargs": {"retries": {"mode": retry_mode, "max_attempts": attempts}}}
     creds = session.get_credentials()
     if creds is not None:
-        frozen = creds.get_frozen_credentials()
-        options.update(key=frozen.access_key, secret=frozen.secret_key)
-        if frozen.token:
-            options["token"] = frozen.token
+        options["session"] = _follower_session(creds)
     client_kwargs: dict[str, Any] = {}
     if endpoint_url:
         client_kwargs["endpoint_url"] = endpoint_url
@@ -596,3 +602,43 @@ def _s3fs_options(session: Any, endpoint_url: str | None, retry_mode: str, attem
     if client_kwargs:
         options["client_kwargs"] = client_kwargs
     return options
+
+
+def _follower_session(credentials: Any) -> Any:
+    """An aiobotocore session whose credentials are those of a boto3 session, refreshed as it refreshes them."""
+    import asyncio
+
+    from aiobotocore.credentials import AioCredentials
+    from aiobotocore.session import AioSession
+    from botocore.credentials import CredentialProvider, ReadOnlyCredentials
+
+    class _FollowingCredentials(AioCredentials):
+        """Asks the boto3 credential object for keys on every signature."""
+
+        def __init__(self, source: Any) -> None:
+            frozen = source.get_frozen_credentials()
+            super().__init__(frozen.access_key, frozen.secret_key, frozen.token, method=source.method)
+            self._source = source
+
+        async def get_frozen_credentials(self) -> ReadOnlyCredentials:
+            refresh_needed = getattr(self._source, "refresh_needed", None)
+            if refresh_needed is not None and refresh_needed():
+                # A refresh may call STS/SSO/IMDS synchronously: off the event loop.
+                frozen = await asyncio.to_thread(self._source.get_frozen_credentials)
+            else:
+                frozen = self._source.get_frozen_credentials()
+            # Keep the plain attributes current for the few readers that use them.
+            self.access_key, self.secret_key, self.token = frozen.access_key, frozen.secret_key, frozen.token
+            return frozen
+
+    class _SessionProvider(CredentialProvider):
+        # aiobotocore's resolver awaits load(); botocore's base class gives the rest.
+        METHOD = "cloudexec-boto3-session"
+        CANONICAL_NAME = "cloudexec-boto3-session"
+
+        async def load(self) -> AioCredentials:
+            return _FollowingCredentials(credentials)
+
+    aio = AioSession()
+    aio.get_component("credential_provider").insert_before("env", _SessionProvider())
+    return aio

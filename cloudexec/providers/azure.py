@@ -71,7 +71,8 @@ import datetime as _dt
 import os
 import re
 import shlex
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from cloudexec._log import log
@@ -183,6 +184,8 @@ class AzureBatchProvider(BulkDescribe, Provider):
         task_environment: variables every task gets (``commonEnvironmentSettings``).
         lro_polling_interval_s: pause between the SDK's checks of a job being
             terminated or deleted (they run on the SDK's own daemon threads).
+        max_api_attempts: attempts per blob call (the Batch client's retries are
+            set where it is built).
     """
 
     name = "azure"
@@ -202,8 +205,10 @@ class AzureBatchProvider(BulkDescribe, Provider):
         storage_options: Mapping[str, Any] | None = None,
         task_environment: Mapping[str, str] | None = None,
         lro_polling_interval_s: float = 1.0,
+        max_api_attempts: int = 10,
     ) -> None:
         self.client = client
+        self.max_api_attempts = max_api_attempts
         self.batch_url = batch_url
         self.pool_id = pool_id
         self.storage_url = storage_url.rstrip("/")
@@ -283,6 +288,7 @@ class AzureBatchProvider(BulkDescribe, Provider):
             import fsspec.core
 
             self._fs, _ = fsspec.core.url_to_fs(self.storage_url, **self.storage_options)
+            _tune_blob_retries(self._fs, self.max_api_attempts)
         return self._fs
 
     # -- submit ---------------------------------------------------------------------
@@ -327,13 +333,15 @@ class AzureBatchProvider(BulkDescribe, Provider):
             job_options["priority"] = azure_priority(settings.priority)
         self._note_submitted(job_id)
         try:
-            self.client.create_job(m.BatchJobCreateOptions(**job_options))
+            create_options = m.BatchJobCreateOptions(**job_options)
+            _resend_if_dropped(lambda: self.client.create_job(create_options), self.max_api_attempts, "JobExists")
         except Exception as exc:
             self._remove_container(container)
             raise _submission_error(job_id, exc, "create the job") from exc
         try:
             if spec.array_size is None:
-                self.client.create_task(job_id, self.task_options(spec, None))
+                task = self.task_options(spec, None)
+                _resend_if_dropped(lambda: self.client.create_task(job_id, task), self.max_api_attempts, "TaskExists")
             else:
                 self._add_children(spec, spec.array_size)
             self.client.update_job(
@@ -378,7 +386,10 @@ class AzureBatchProvider(BulkDescribe, Provider):
         # send the collections in reverse order, and early children should run first.
         for start in range(0, size, self.tasks_per_request):
             tasks = [self.task_options(spec, i) for i in range(start, min(size, start + self.tasks_per_request))]
-            result = self.client.create_task_collection(spec.job_id, m.BatchTaskGroup(task_values=tasks))
+            group = m.BatchTaskGroup(task_values=tasks)
+            result = _resend_if_dropped(
+                lambda: self.client.create_task_collection(spec.job_id, group), self.max_api_attempts
+            )
             for item in result.result_values or []:
                 if _name(item.status) == "success":
                     continue
@@ -690,6 +701,9 @@ class AzureBatchExecutor(BatchExecutor):
         poll_interval_s: (first, longest) pause between status polls.
         lro_polling_interval_s: pause between the SDK's checks while a job is
             being terminated or deleted.
+        max_api_attempts: attempts per Batch REST and blob call (azure-core's
+            ``RetryPolicy`` for Batch, azure-storage-blob's ``ExponentialRetry``
+            for blobs, which retry throttling, 5xx and dropped connections).
         **settings: default job settings: ``container_image``, ``vcpus``,
             ``priority`` (-1..+1), ``timeout`` (s), ``retries`` (0..9),
             ``job_name``, ``tags``. ``memory``/``gpus`` are refused (the pool's
@@ -717,8 +731,11 @@ class AzureBatchExecutor(BatchExecutor):
         max_workers: int | None = None,
         poll_interval_s: tuple[float, float] | None = None,
         lro_polling_interval_s: float = 1.0,
+        max_api_attempts: int = 10,
         **settings: Any,
     ) -> None:
+        if isinstance(max_api_attempts, bool) or not isinstance(max_api_attempts, int) or not 1 <= max_api_attempts <= 50:
+            raise ValueError(f"max_api_attempts must be an int from 1 to 50; got {max_api_attempts!r}")
         if not isinstance(pool_id, str) or not _JOB_ID_RE.match(pool_id):
             raise ValueError(
                 f"pool_id must be the id of an Azure Batch pool (1-64 letters, digits, '-' or '_'); got {pool_id!r}"
@@ -768,7 +785,9 @@ class AzureBatchExecutor(BatchExecutor):
                 f"{type(credential).__name__}. Example: AzureNamedKeyCredential('<batch account>', '<key>')"
             )
         options = _storage_options(storage_options, None if is_named_key else credential)
-        client = BatchClient(batch_url.rstrip("/"), credential)
+        # azure-core's RetryPolicy retries 408/429/500/502/503/504 and dropped
+        # connections with exponential backoff, honouring Retry-After.
+        client = BatchClient(batch_url.rstrip("/"), credential, retry_total=max_api_attempts - 1)
         provider = AzureBatchProvider(
             client,
             batch_url=batch_url.rstrip("/"),
@@ -777,6 +796,7 @@ class AzureBatchExecutor(BatchExecutor):
             storage_options=options,
             task_environment=task_environment,
             lro_polling_interval_s=lro_polling_interval_s,
+            max_api_attempts=max_api_attempts,
         )
         try:
             provider.check_environment()
@@ -815,6 +835,53 @@ def _storage_options(given: Mapping[str, Any] | None, token_credential: Any) -> 
     if not has_auth and not has_env_auth and token_credential is not None and has_account:
         options["credential"] = _AsyncTokenCredential(token_credential)
     return options
+
+
+def _resend_if_dropped(call: Callable[[], Any], attempts: int, exists_code: str | None = None) -> Any:
+    """Run ``call``, sending it again when the connection dropped before any answer.
+
+    azure-core's RetryPolicy does not resend a POST whose connection dropped
+    after the request went out (it may have been processed). Creating a job or
+    tasks with our own ids is safe to resend: if the dropped attempt had gone
+    through, the service answers ``exists_code`` (``JobExists``/``TaskExists``),
+    which counts as success (None is returned); a task collection reports
+    ``TaskExists`` per task, which the caller already accepts.
+    """
+    from azure.core.exceptions import ServiceResponseError
+
+    dropped = False
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except ServiceResponseError:
+            if attempt == attempts:
+                raise
+            dropped = True
+            time.sleep(min(0.2 * 2**attempt, 5.0))
+        except Exception as exc:
+            if dropped and exists_code is not None and _error_code(exc) == exists_code:
+                return None
+            raise
+    return None
+
+
+def _tune_blob_retries(fs: Any, attempts: int) -> None:
+    """Give adlfs's blob client ``attempts`` tries with a short first backoff.
+
+    adlfs takes no retry options; azure-storage-blob's default (3 retries, the
+    first after 15 s, then 15 s + 3**n) would stall every result read behind one
+    throttled request. The policy object is the service client's own, shared by
+    the container and blob clients adlfs derives from it.
+    """
+    policy = getattr(getattr(getattr(fs, "service_client", None), "_config", None), "retry_policy", None)
+    if policy is None:
+        return
+    for name in ("total_retries", "connect_retries", "read_retries", "status_retries"):
+        if hasattr(policy, name):
+            setattr(policy, name, attempts - 1)
+    if hasattr(policy, "initial_backoff"):
+        policy.initial_backoff = 0.5
+        policy.increment_base = 2
 
 
 def _check_storage(provider: AzureBatchProvider, container: str) -> None:

@@ -726,6 +726,16 @@ class LocalBatchExecutor(BatchExecutor):
         ...     print(list(ex.map(abs, [-1, -2])))
         [1, 2]
 
+    When the client process dies: the local "compute environment" is this
+    process, so jobs it had started run on (each in its own session) and write
+    their results under ``io_root``; a new process with the same ``io_root``
+    attaches by job id and gets a single job's result. Jobs and array children
+    it had not started yet never run; attaching reports them as ended without a
+    result. Known limit: an array whose client died is reported lost at once,
+    even while its started children still run (its state keeps no child pids);
+    their results stay under ``io_root``. Give a persistent ``io_root`` (the
+    default temporary folder goes with the process).
+
     Args:
         io_root: storage folder for calls and results: a local path or
             ``file://`` URL (default: a new temporary folder, removed when the

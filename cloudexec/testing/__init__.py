@@ -8,6 +8,10 @@ returns a ready executor, so a pipeline can be tested with no cloud account.
 process (jobs run in threads): the fastest executor for unit tests, and the
 model of a new provider (``docs/providers.md``).
 
+``realistic=True`` (or a ``RealisticProfile``) makes either emulator lag,
+throttle, fail and drop connections as the clouds do; both share one set of
+test hooks (``cloudexec.testing._hooks.EmulatorHooks``).
+
 The emulators import their heavy dependencies (moto, azure SDKs) lazily, so
 importing this package costs nothing.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["aws_batch_emulator", "azure_batch_emulator"]
+__all__ = ["RealisticProfile", "aws_batch_emulator", "azure_batch_emulator"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from cloudexec.testing.aws import aws_batch_emulator
 
         return aws_batch_emulator
+    if name == "RealisticProfile":
+        from cloudexec.testing._hooks import RealisticProfile
+
+        return RealisticProfile
     if name == "azure_batch_emulator":
         from cloudexec.testing.azure import azure_batch_emulator
 

@@ -11,16 +11,17 @@ request as AWS does and calls the scheduler; it holds no job state.
 from __future__ import annotations
 
 import base64
-import collections
 import copy
 import io
 import json
 import logging
 import math
 import re
+import socket
+import struct
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import moto
@@ -35,6 +36,7 @@ from cloudexec.testing._aws_batch_model import (
     job_id_from,
 )
 from cloudexec.testing._aws_batch_scheduler import JobScheduler
+from cloudexec.testing._hooks import Fault, Hooks
 
 __all__ = ["BatchApi", "Gateway", "MotoServer", "WSGIApp", "check_moto_version"]
 
@@ -60,10 +62,6 @@ def check_moto_version() -> None:
 check_moto_version()
 
 from moto.backends import get_backend  # noqa: E402
-from moto.core.base_backend import BackendDict  # noqa: E402
-from moto.moto_server.threaded_moto_server import ThreadedMotoServer  # noqa: E402
-
-from moto.backends import get_backend  # noqa: E402
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer  # noqa: E402
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app  # noqa: E402
 
@@ -82,7 +80,7 @@ _LIST_PAGE_STATUS = 1000
 _LIST_FILTERS = frozenset({"JOB_NAME", "JOB_DEFINITION", "BEFORE_CREATED_AT", "AFTER_CREATED_AT"})
 
 _JOB_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-_CREDENTIAL_SCOPE_RE = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/([^/]+)/aws4_request")
+_CREDENTIAL_SCOPE_RE = re.compile(r"Credential=([^/]+)/\d{8}/([^/]+)/([^/]+)/aws4_request")
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -137,11 +135,14 @@ class MotoServer(ThreadedMotoServer):
 class Gateway:
     """WSGI middleware in front of moto (see the module diagram)."""
 
-    def __init__(self, app: WSGIApp, account_id: str, api: BatchApi, moto_lock: threading.RLock) -> None:
+    def __init__(
+        self, app: WSGIApp, account_id: str, api: BatchApi, moto_lock: threading.RLock, hooks: Hooks
+    ) -> None:
         self._app = app
         self._account_id = account_id
         self._api = api
         self._moto_lock = moto_lock
+        self._hooks = hooks
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         # The body is read before taking moto's lock, so a slow upload does not stall
@@ -151,13 +152,24 @@ class Gateway:
         environ["CONTENT_LENGTH"] = str(len(body))
         environ["HTTP_X_MOTO_ACCOUNT_ID"] = self._account_id
         scope = _CREDENTIAL_SCOPE_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
-        if scope is not None and scope.group(2) == "batch":
-            method = environ.get("REQUEST_METHOD", "GET")
-            answer = self._api.handle(method, environ.get("PATH_INFO", ""), body, scope.group(1))
+        key, region, service = scope.groups() if scope is not None else (None, "", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        fault: Fault | None = None
+        if service == "batch":
+            self._hooks.count(self._api.operation_name(method, environ.get("PATH_INFO", "")))
+            fault = self._hooks.draw_fault("batch")
+        elif service == "s3":
+            fault = self._hooks.draw_fault("storage")
+        if self._hooks.credentials_expired(key):
+            return _respond(start_response, _expired_answer(service))
+        if fault is not None:
+            if fault.kind == "reset":
+                return _reset_connection(environ)
+            return _respond(start_response, _fault_answer(service, fault))
+        if service == "batch":
+            answer = self._api.handle(method, environ.get("PATH_INFO", ""), body, region)
             if answer is not None:
-                status, headers, payload = answer
-                start_response(status, headers)
-                return [payload]
+                return _respond(start_response, answer)
         return self._call_moto(environ, start_response)
 
     def _call_moto(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -206,7 +218,14 @@ def _read_body(environ: dict[str, Any]) -> bytes:
 
 
 Answer = tuple[str, list[tuple[str, str]], bytes]
-_HTTP_REASONS = {200: "OK", 400: "Bad Request", 429: "Too Many Requests", 500: "Internal Server Error"}
+_HTTP_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def _answer(status: int, payload: Mapping[str, Any], error_code: str | None = None) -> Answer:
@@ -219,6 +238,60 @@ def _answer(status: int, payload: Mapping[str, Any], error_code: str | None = No
     if error_code is not None:
         headers.append(("x-amzn-ErrorType", error_code))
     return f"{status} {_HTTP_REASONS.get(status, '')}".rstrip(), headers, data
+
+
+def _respond(start_response: Callable[..., Any], answer: Answer) -> Iterable[bytes]:
+    status, headers, payload = answer
+    start_response(status, headers)
+    return [payload]
+
+
+def _xml_error(status: int, code: str, message: str) -> Answer:
+    data = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f"<Error><Code>{code}</Code><Message>{message}</Message><RequestId>{uuid.uuid4()}</RequestId></Error>"
+    ).encode()
+    headers = [("Content-Type", "application/xml"), ("Content-Length", str(len(data)))]
+    return f"{status} {_HTTP_REASONS.get(status, '')}".rstrip(), headers, data
+
+
+def _fault_answer(service: str, fault: Fault) -> Answer:
+    """The error each service really answers when it throttles or fails inside."""
+    if service == "s3":
+        # S3 throttles with 503 SlowDown (S3 error responses reference).
+        if fault.kind == "throttle":
+            return _xml_error(503, "SlowDown", "Please reduce your request rate.")
+        return _xml_error(500, "InternalError", "We encountered an internal error. Please try again.")
+    if fault.kind == "throttle":
+        return _answer(429, {"message": "Too Many Requests"}, "TooManyRequestsException")
+    return _answer(500, {"__type": "ServerException", "message": "Internal server error"}, "ServerException")
+
+
+def _expired_answer(service: str) -> Answer:
+    """What AWS answers a request signed with expired temporary credentials."""
+    if service == "s3":
+        return _xml_error(400, "ExpiredToken", "The provided token has expired.")
+    return _answer(
+        403,
+        {"__type": "ExpiredTokenException", "message": "The security token included in the request is expired"},
+        "ExpiredTokenException",
+    )
+
+
+def _reset_connection(environ: dict[str, Any]) -> Iterable[bytes]:
+    """Drop the connection with a TCP reset and no answer, as a failing load balancer does."""
+    sock = environ.get("werkzeug.socket")
+    if sock is not None:
+        # Linger 0: closing the socket sends RST instead of FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def body() -> Iterator[bytes]:
+        # Raised before any byte is written: werkzeug treats it as a dropped
+        # connection and closes the socket quietly.
+        raise ConnectionResetError("connection reset by the emulator (injected fault)")
+        yield b""  # pragma: no cover - makes this a generator
+
+    return body()
 
 
 class BatchApi:
@@ -236,9 +309,6 @@ class BatchApi:
         self._moto_lock = moto_lock
         self._account_id = account_id
         self._timeout_scale = timeout_scale
-        self._lock = threading.Lock()
-        self._calls: collections.Counter[str] = collections.Counter()
-        self._throttle_left = 0
         self._operations: dict[tuple[str, str], str] = {}
         self._handlers: dict[str, Callable[[bytes, dict[str, Any], str], dict[str, Any] | None]] = {
             "SubmitJob": self._submit_job,
@@ -261,19 +331,8 @@ class BatchApi:
             operations[(http["method"].upper(), key.lower())] = name
         self._operations = operations
 
-    def snapshot_calls(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._calls)
-
-    def reset_calls(self) -> None:
-        with self._lock:
-            self._calls.clear()
-
-    def add_throttling(self, n: int) -> None:
-        with self._lock:
-            self._throttle_left += n
-
-    def _operation_name(self, method: str, path: str) -> str:
+    def operation_name(self, method: str, path: str) -> str:
+        """The Batch operation a request is, e.g. ``"DescribeJobs"``."""
         parts = path.strip("/").split("/")
         key = parts[1].lower() if len(parts) > 1 else parts[0].lower()
         return self._operations.get((method.upper(), key), key)
@@ -282,14 +341,7 @@ class BatchApi:
 
     def handle(self, method: str, path: str, body: bytes, region: str) -> Answer | None:
         """Answers a Batch request, or returns None to let moto answer it."""
-        operation = self._operation_name(method, path)
-        with self._lock:
-            self._calls[operation] += 1
-            throttled = self._throttle_left > 0
-            if throttled:
-                self._throttle_left -= 1
-        if throttled:
-            return _answer(429, {"message": "Too Many Requests"}, "TooManyRequestsException")
+        operation = self.operation_name(method, path)
         handler = self._handlers.get(operation)
         if handler is None:
             return None

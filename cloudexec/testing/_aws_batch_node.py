@@ -160,7 +160,9 @@ class Node:
             if not spec.argv:
                 raise FileNotFoundError("the job has no command (no override and none in the job definition)")
             with open(log_path, "wb") as out:
-                proc = _process.start(spec.argv, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+                proc = _process.start(
+                    spec.argv, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, die_with_owner=True
+                )
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             reason = f"CannotStartContainerError: {exc}"

@@ -76,8 +76,12 @@ class JobScheduler:
         max_vcpus: int,
         scratch_dir: str,
         moto_lock: threading.RLock,
+        status_lag_s: float = 0.0,
+        visibility_lag_s: float = 0.0,
     ) -> None:
         self._region = region
+        self._status_lag = status_lag_s
+        self._visibility_lag_ms = visibility_lag_s * 1000.0
         self._account_id = account_id
         self._dwell = dwell_s
         self._max_vcpus = float(max_vcpus)
@@ -187,13 +191,18 @@ class JobScheduler:
             self._cond.notify_all()
             return job
 
+    def _hidden(self, job: Job, now_wall_ms: float) -> bool:
+        """Whether a just-submitted job is not yet visible (AWS is eventually consistent)."""
+        return bool(self._visibility_lag_ms) and now_wall_ms - job.created_ms < self._visibility_lag_ms
+
     def describe(self, job_ids: list[str]) -> list[dict[str, Any]]:
+        now_wall = now_ms()
         with self._cond:
             seen: set[str] = set()
             out = []
             for job_id in job_ids:
                 job = self._jobs.get(job_id)
-                if job is None or job_id in seen:
+                if job is None or job_id in seen or self._hidden(job, now_wall):
                     continue
                 seen.add(job_id)
                 out.append(job.describe())
@@ -217,8 +226,9 @@ class JobScheduler:
                 # ListJobs on a queue lists plain jobs and array parents, not children.
                 candidates = [j for j in self._top if j.spec.queue_arn == queue_arn]
             matched: list[Job] = []
+            now_wall = now_ms()
             for job in candidates:
-                if job.seq <= after_seq or job.expired:
+                if job.seq <= after_seq or job.expired or self._hidden(job, now_wall):
                     continue
                 if status is not None and job.status != status:
                     continue
@@ -565,8 +575,10 @@ class JobScheduler:
         else:
             outcome = ("FAILED", reason)
         job.outcome = outcome
-        # The RUNNING status lasts at least the dwell time too, so pollers see it.
-        due = job.running_since + self._dwell
+        # The RUNNING status lasts at least the dwell time too, so pollers see it;
+        # and, like AWS, the terminal status may lag the container's exit (and the
+        # result it stored) by the profile's status lag.
+        due = max(job.running_since + self._dwell, now + self._status_lag)
         if due > now:
             self._push_timer(due, job)
         else:

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cloudexec import _process
 from cloudexec.testing._azure_batch_model import BatchStore, JobRecord, TaskRecord, utc_now
 
 __all__ = ["ComputeNode"]
@@ -103,6 +104,8 @@ class ComputeNode:
         account_url: ``AZ_BATCH_ACCOUNT_URL`` given to tasks.
         task_env: Extra variables every task sees (what the pool would provide).
         kill_grace_s: Time between SIGTERM and SIGKILL when a task is killed.
+        status_lag_s: Seconds a task whose process exited stays ``running``
+            (its outputs already uploaded) before it is reported ``completed``.
     """
 
     def __init__(
@@ -116,8 +119,13 @@ class ComputeNode:
         account_url: str,
         task_env: Mapping[str, str],
         kill_grace_s: float,
+        status_lag_s: float = 0.0,
     ) -> None:
         self.store = store
+        self.status_lag_s = status_lag_s
+        # Tasks whose process ended but which are reported completed only later,
+        # as Azure does: (due, task, exit_code, failure_info).
+        self._lagging: list[tuple[float, TaskRecord, int | None, dict[str, Any] | None]] = []
         self.pool_id = pool_id
         self.slots = slots
         self.root_dir = root_dir
@@ -262,6 +270,7 @@ class ComputeNode:
             returncode = task.proc.poll() if task.proc is not None else -signal.SIGKILL
             if returncode is not None:
                 self._finish(task, returncode)
+        self._complete_due(now)
         self._signal_kills(now)
         self._update_jobs(now)
         self._schedule()
@@ -334,6 +343,7 @@ class ComputeNode:
             for job in self.store.jobs.values()
             if job.state == "active" and job.deadline_mono is not None
         )
+        deadlines.extend(entry[0] for entry in self._lagging)
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
         if self._running and not self._use_pidfd:
             timeout = _POLL_INTERVAL_S if timeout is None else min(timeout, _POLL_INTERVAL_S)
@@ -373,6 +383,9 @@ class ComputeNode:
                     stdout=out,
                     stderr=err,
                     start_new_session=True,  # own process group, so kills reach children
+                    # Started from the node thread, which lives as long as the emulator:
+                    # a SIGKILLed emulator takes its tasks with it.
+                    preexec_fn=_process.owner_death_signal(),
                 )
         except FileNotFoundError as exc:
             self._launch_failed(task, _COMMAND_NOT_FOUND, str(exc))
@@ -453,7 +466,7 @@ class ComputeNode:
         if task.kill_reason is not None:
             self._complete(task, exit_code=exit_code, failure_info=_KILL_FAILURES.get(task.kill_reason, _TASK_ENDED))
         elif exit_code == 0:
-            self._complete(task, exit_code=0, failure_info=None)
+            self._complete_later(task, exit_code=0, failure_info=None)
         elif job.state == "active" and (
             task.max_task_retry_count == -1 or task.retry_count < task.max_task_retry_count
         ):
@@ -461,7 +474,23 @@ class ComputeNode:
             task.retry_count += 1
             self._spawn(task, retry=True)
         else:
-            self._complete(task, exit_code=exit_code, failure_info=_FAILURE_EXIT_CODE)
+            self._complete_later(task, exit_code=exit_code, failure_info=_FAILURE_EXIT_CODE)
+
+    def _complete_later(self, task: TaskRecord, *, exit_code: int | None, failure_info: dict[str, Any] | None) -> None:
+        """Complete a task after the status lag (at once without one)."""
+        if self.status_lag_s <= 0:
+            self._complete(task, exit_code=exit_code, failure_info=failure_info)
+            return
+        self._lagging.append((time.monotonic() + self.status_lag_s, task, exit_code, failure_info))
+
+    def _complete_due(self, now: float) -> None:
+        due = [entry for entry in self._lagging if entry[0] <= now]
+        if not due:
+            return
+        self._lagging = [entry for entry in self._lagging if entry[0] > now]
+        for _, task, exit_code, failure_info in due:
+            if task.state == "running" and task.id.lower() in task.job.tasks:
+                self._complete(task, exit_code=exit_code, failure_info=failure_info)
 
     def _release(self, task: TaskRecord) -> None:
         if task.pidfd is not None:

@@ -71,6 +71,7 @@ from cloudexec.testing._azure_batch_model import (
     validate_id,
 )
 from cloudexec.testing._azure_batch_node import ComputeNode
+from cloudexec.testing._hooks import QUIET, Hooks, ResetConnection, reset_socket
 from cloudexec.testing._azure_batch_odata import FilterError, compile_filter, select_fields
 
 __all__ = ["AzureBatchService"]
@@ -257,6 +258,10 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items()}
         try:
             response = self.server.service.handle(self.command, self.path, headers, body)
+        except ResetConnection:
+            reset_socket(self.connection)
+            self.close_connection = True
+            return
         except BatchServiceError as exc:
             response = _json_response(exc.status, exc.to_json())
         except Exception as exc:  # a bug in the emulator: answer 500 with the traceback
@@ -288,6 +293,7 @@ class AzureBatchService:
         root_dir: Node root directory (task directories live below it).
         task_env: Variables every task process sees, besides its own settings.
         kill_grace_s: Seconds between SIGTERM and SIGKILL when killing a task.
+        hooks: The emulator's test hooks (call counts, faults); a quiet set by default.
     """
 
     def __init__(
@@ -301,15 +307,15 @@ class AzureBatchService:
         root_dir: Path,
         task_env: Mapping[str, str],
         kill_grace_s: float,
+        hooks: Hooks | None = None,
     ) -> None:
+        self.hooks = hooks if hooks is not None else Hooks(QUIET)
         self.account_name = account_name
         self._key = base64.b64decode(account_key)
         self.pool_id = pool_id
         self.slots = slots
         self.vm_size = vm_size
         self.store = BatchStore()
-        self.api_calls: collections.Counter[str] = collections.Counter()
-        self._calls_lock = threading.Lock()
         self._server = _Server(self)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._created = utc_now()
@@ -324,6 +330,7 @@ class AzureBatchService:
                 account_url=self.url,
                 task_env=task_env,
                 kill_grace_s=kill_grace_s,
+                status_lag_s=self.hooks.profile.status_lag_s,
             )
         except BaseException:
             self._server.server_close()
@@ -353,6 +360,11 @@ class AzureBatchService:
             ("GET", ("jobs", "*", "tasks", "*", "files", "**"), "download_task_file", self._task_file),
             ("HEAD", ("jobs", "*", "tasks", "*", "files", "**"), "get_task_file_properties", self._task_file),
         ]
+
+    @property
+    def api_calls(self) -> collections.Counter[str]:
+        """A snapshot of the requests served, per SDK method name."""
+        return self.hooks.snapshot_calls()
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -395,8 +407,17 @@ class AzureBatchService:
         query = {k: v[0] for k, v in parse_qs(raw_query, keep_blank_values=True).items()}
         segments = [unquote(s) for s in raw_path.strip("/").split("/") if s]
         name, func, args = self._route(method, segments)
-        with self._calls_lock:
-            self.api_calls[name] += 1
+        self.hooks.count(name)
+        fault = self.hooks.draw_fault("batch")
+        if fault is not None:
+            if fault.kind == "reset":
+                raise ResetConnection()
+            if fault.kind == "throttle":
+                # Azure Batch answers overload with 503 ServerBusy (and sometimes 429).
+                raise BatchServiceError(
+                    503, "ServerBusy", "The server is currently unable to receive requests. Please retry your request."
+                )
+            raise BatchServiceError(500, "InternalError", "The server encountered an internal error. Please retry the request.")
         if not query.get("api-version"):
             raise BatchServiceError(
                 400,
@@ -471,8 +492,7 @@ class AzureBatchService:
                 detail = f"The request names account {match.group(1)!r}; this account is {self.account_name!r}."
             else:
                 detail = f"The MAC signature is not the same as the computed one. String to sign: {to_sign!r}"
-            with self._calls_lock:
-                self.api_calls["authentication_failed"] += 1
+            self.hooks.count("authentication_failed")
             raise BatchServiceError(
                 401,
                 "AuthenticationFailed",
@@ -858,6 +878,11 @@ class AzureBatchService:
     def _list_tasks(self, request: _Request, job_id: str) -> _Response:
         job = self.store.get_job(job_id)
         tasks = sorted(job.tasks.values(), key=lambda task: task.seq)
+        lag = self.hooks.profile.visibility_lag_s
+        if lag:
+            # Azure's lists are eventually consistent: a just-added task may be missing.
+            newest = utc_now() - dt.timedelta(seconds=lag)
+            tasks = [task for task in tasks if task.creation_time <= newest]
         path = f"/jobs/{quote(job.id, safe='')}/tasks"
         return self._page(request, "tasks", [(task.seq, self._task_json(task)) for task in tasks], path)
 

@@ -19,6 +19,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from cloudexec import _process
+
 __all__ = [
     "AZURITE_ACCOUNT_KEY",
     "AZURITE_ACCOUNT_NAME",
@@ -138,6 +140,7 @@ class AzuriteBlob:
         self._ready = threading.Event()
         self._output: collections.deque[str] = collections.deque(maxlen=40)
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._remover: _process.FolderRemover | None = None
 
     def start(self) -> None:
         """Launch Azurite; returns at once (see :meth:`wait_ready`)."""
@@ -164,6 +167,8 @@ class AzuriteBlob:
             text=True,
             start_new_session=True,
         )
+        # Azurite and its folder must not outlive this process, even a SIGKILLed one.
+        self._remover = _process.remove_when_owner_dies(self._workdir.name, kill_groups=[self._proc.pid])
         self._reader = threading.Thread(target=self._read_output, name="azurite-output", daemon=True)
         self._reader.start()
 
@@ -216,3 +221,6 @@ class AzuriteBlob:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+        if self._remover is not None:
+            self._remover.close()
+            self._remover = None

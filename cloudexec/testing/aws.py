@@ -64,6 +64,7 @@ Known differences from AWS Batch:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -82,6 +83,7 @@ import boto3
 from cloudexec.testing._aws_batch_api import BatchApi, Gateway, MotoServer, check_moto_version
 from cloudexec.testing._aws_batch_model import LOG_GROUP
 from cloudexec.testing._aws_batch_scheduler import JobScheduler
+from cloudexec.testing._hooks import FaultKind, Hooks, IssuedCredentials, RealisticProfile, Target, resolve_profile
 from cloudexec import _process
 
 check_moto_version()
@@ -92,7 +94,7 @@ from moto.core.base_backend import BackendDict  # noqa: E402
 if TYPE_CHECKING:
     from cloudexec.providers.aws import AWSBatchExecutor
 
-__all__ = ["AWSBatchEmulator", "aws_batch_emulator"]
+__all__ = ["AWSBatchEmulator", "RealisticProfile", "aws_batch_emulator"]
 
 class AWSBatchEmulator:
     """A running AWS Batch emulator; obtained from :func:`aws_batch_emulator`.
@@ -116,7 +118,13 @@ class AWSBatchEmulator:
         timeout_scale: Factor applied to ``attemptDurationSeconds`` (and to the
             30 s SIGTERM grace period) to get real seconds.
         state_dwell_s: Minimum time a job spends in each status before the next.
+        profile: The :class:`RealisticProfile` in force (all zeros unless
+            ``realistic=`` was given).
         startup_s: Wall time :func:`aws_batch_emulator` took to become ready.
+
+    The test hooks (``api_calls``, ``inject_faults``, ``issue_credentials``,
+    ``expire_job``...) are the ones every emulator offers; see
+    ``cloudexec.testing._hooks.EmulatorHooks``.
     """
 
     def __init__(
@@ -134,6 +142,7 @@ class AWSBatchEmulator:
         state_dwell_s: float,
         service: JobScheduler,
         api: BatchApi,
+        hooks: Hooks,
     ) -> None:
         self.endpoint_url = endpoint_url
         self.region = region
@@ -151,6 +160,8 @@ class AWSBatchEmulator:
         self.startup_s = 0.0
         self._service = service
         self._api = api
+        self._hooks = hooks
+        self.profile = hooks.profile
         self._client_lock = threading.Lock()
         self._client_session: boto3.Session | None = None
 
@@ -244,23 +255,106 @@ class AWSBatchEmulator:
         options.update(kwargs)  # the caller's values win, e.g. a wrong queue in a test
         return AWSBatchExecutor(**options)
 
+    def refreshing_session(self) -> boto3.Session:
+        """Returns a boto3 session whose credentials expire and refresh, as STS/SSO ones do.
+
+        Its botocore credentials are ``RefreshableCredentials`` fed by
+        :meth:`issue_credentials`, with botocore's refresh windows (15 and 10 minutes
+        before expiry on AWS) scaled to the profile's ``credential_lifetime_s``.
+        Code that copies the keys once fails when they expire; code that follows
+        the session keeps working.
+
+        Raises:
+            RuntimeError: The emulator was started without ``credential_lifetime_s``.
+        """
+        lifetime = self.profile.credential_lifetime_s
+        if lifetime is None:
+            raise RuntimeError(
+                "refreshing_session() needs expiring credentials: start the emulator with "
+                "realistic=RealisticProfile(credential_lifetime_s=...)"
+            )
+        import botocore.session
+        from botocore.credentials import CredentialProvider, RefreshableCredentials
+
+        hooks = self._hooks
+        # Real windows are 15/10 minutes of a 1 h lifetime; keep those shares.
+        advisory_s = max(1, int(lifetime / 4))
+        mandatory_s = max(1, int(lifetime / 6))
+
+        def fetch() -> dict[str, str]:
+            issued = hooks.issue_credentials()
+            expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(issued.expires_at))
+            return {
+                "access_key": issued.access_key_id,
+                "secret_key": issued.secret_access_key,
+                "token": issued.session_token,
+                "expiry_time": expiry,
+            }
+
+        class _ScaledRefreshableCredentials(RefreshableCredentials):
+            _advisory_refresh_timeout = advisory_s
+            _mandatory_refresh_timeout = mandatory_s
+
+        class _EmulatorStsProvider(CredentialProvider):
+            METHOD = "assume-role"
+            CANONICAL_NAME = "cloudexec-emulator-sts"
+
+            def load(self) -> RefreshableCredentials:
+                return _ScaledRefreshableCredentials.create_from_metadata(fetch(), fetch, self.METHOD)
+
+        core = botocore.session.get_session()
+        core.get_component("credential_provider").insert_before("env", _EmulatorStsProvider())
+        return _EmulatorSession(endpoint_url=self.endpoint_url, botocore_session=core, region_name=self.region)
+
+    def issue_credentials(self) -> IssuedCredentials:
+        """Returns new temporary credentials valid for ``profile.credential_lifetime_s``.
+
+        Requests signed with them after that are refused (Batch: 403
+        ``ExpiredTokenException``; S3: 400 ``ExpiredToken``).
+        """
+        return self._hooks.issue_credentials()
+
     @property
-    def api_calls(self) -> dict[str, int]:
+    def credentials_issued(self) -> int:
+        """How many temporary credentials :meth:`issue_credentials` handed out."""
+        return self._hooks.credentials_issued
+
+    @property
+    def api_calls(self) -> collections.Counter[str]:
         """A snapshot of Batch API calls received, per action (e.g. ``"DescribeJobs"``).
 
-        Throttled calls are counted too: they reached the service.
+        Faulted calls are counted too: they reached the service.
         """
-        return self._api.snapshot_calls()
+        return self._hooks.snapshot_calls()
 
     def reset_api_calls(self) -> None:
         """Sets every count in :attr:`api_calls` back to zero."""
-        self._api.reset_calls()
+        self._hooks.reset_calls()
+
+    def inject_faults(
+        self, *, count: int = 0, rate: float | None = None, kind: FaultKind = "throttle", target: Target = "batch"
+    ) -> None:
+        """Makes the next ``count`` requests to ``target`` fail, and/or a share ``rate`` of later ones.
+
+        ``target="batch"``: throttling is HTTP 429 ``TooManyRequestsException`` (AWS
+        Batch's rate limit), an error is 500 ``ServerException``. ``target="storage"``
+        (S3): 503 ``SlowDown`` or 500 ``InternalError``. ``kind="reset"`` drops the
+        connection with no answer.
+
+        Args:
+            count: Requests to fail (added to any still pending).
+            rate: Share of requests to fail from now on, in [0, 1); None keeps the
+                current rate.
+            kind: ``"throttle"``, ``"error"`` or ``"reset"``.
+            target: ``"batch"`` or ``"storage"``.
+
+        Raises:
+            ValueError: An argument out of range.
+        """
+        self._hooks.inject(count=count, rate=rate, kind=kind, target=target)
 
     def inject_throttling(self, n: int) -> None:
-        """Makes the next ``n`` Batch API requests fail with HTTP 429.
-
-        The error code is ``TooManyRequestsException``, as AWS Batch answers when its
-        request rate limit is exceeded; botocore's retry modes treat it as throttling.
+        """Makes the next ``n`` Batch API requests fail with HTTP 429 ``TooManyRequestsException``.
 
         Args:
             n: Number of requests to reject (added to any still pending).
@@ -270,7 +364,12 @@ class AWSBatchEmulator:
         """
         if n < 0:
             raise ValueError(f"inject_throttling(n): n must be >= 0, got {n}")
-        self._api.add_throttling(n)
+        self._hooks.inject(count=n, kind="throttle", target="batch")
+
+    @property
+    def faults_injected(self) -> collections.Counter[str]:
+        """Faults applied so far, per ``"<target>:<kind>"`` (and ``"credentials:expired"``)."""
+        return self._hooks.snapshot_faults()
 
     def expire_job(self, job_id: str) -> bool:
         """Deletes a job's metadata, as AWS does about 24 h after a job ends.
@@ -298,6 +397,7 @@ def aws_batch_emulator(
     bucket: str | None = None,
     extra_env: Mapping[str, str] | None = None,
     inherit_sys_path: bool = True,
+    realistic: bool | RealisticProfile = False,
 ) -> Iterator[AWSBatchEmulator]:
     """Runs an offline AWS Batch (moto server + local job processes) for a test.
 
@@ -322,6 +422,10 @@ def aws_batch_emulator(
             ``cloudexec-test-<hex>`` (moto's bucket names are process-wide).
         extra_env: Variables added to every job's environment.
         inherit_sys_path: Put this process's ``sys.path`` on the jobs' PYTHONPATH.
+        realistic: True for the default :class:`RealisticProfile` (terminal
+            statuses lag, new jobs are briefly invisible, ~10% of Batch and S3
+            calls fail transiently), or a profile of your own (e.g. with
+            ``credential_lifetime_s``). False: answers at once, never fails.
 
     Yields:
         The running :class:`AWSBatchEmulator`.
@@ -341,6 +445,8 @@ def aws_batch_emulator(
     if not state_dwell_s >= 0:
         raise ValueError(f"state_dwell_s must be >= 0, got {state_dwell_s!r}")
 
+    profile = resolve_profile(realistic)
+    hooks = Hooks(profile)
     started = time.perf_counter()
     # A unique account per emulator: moto's state is process-global, and this keeps
     # two emulators (or a leftover one) from seeing each other's queues and jobs.
@@ -349,6 +455,9 @@ def aws_batch_emulator(
     account_id = os.environ.get("MOTO_ACCOUNT_ID") or str(secrets.randbelow(9 * 10**11) + 10**11)
     bucket = bucket or f"cloudexec-test-{secrets.token_hex(4)}"
     scratch = tempfile.mkdtemp(prefix="cloudexec-aws-emulator-")
+    # Deletes the scratch folder even if this process is SIGKILLed (jobs die with
+    # the scheduler thread that started them: see _process.start(die_with_owner)).
+    remover = _process.remove_when_owner_dies(scratch)
     moto_lock = threading.RLock()
     service = JobScheduler(
         region=region,
@@ -357,6 +466,8 @@ def aws_batch_emulator(
         max_vcpus=max_vcpus,
         scratch_dir=scratch,
         moto_lock=moto_lock,
+        status_lag_s=profile.status_lag_s,
+        visibility_lag_s=profile.visibility_lag_s,
     )
     api = BatchApi(
         service=service,
@@ -364,7 +475,7 @@ def aws_batch_emulator(
         account_id=account_id,
         timeout_scale=float(timeout_scale),
     )
-    server = MotoServer(lambda app: Gateway(app, account_id, api, moto_lock))
+    server = MotoServer(lambda app: Gateway(app, account_id, api, moto_lock, hooks))
     server_started = False
     try:
         server.start()
@@ -374,7 +485,7 @@ def aws_batch_emulator(
         boot = _make_session(endpoint, "testing", "testing", region)
         resources = _create_resources(boot, api, account_id, region, bucket, max_vcpus, moto_lock)
         # Set-up calls are ours, not the user's: api_calls starts at zero.
-        api.reset_calls()
+        hooks.reset_calls()
         service.start(
             endpoint_url=endpoint,
             base_env=_base_job_env(extra_env, inherit_sys_path, scratch),
@@ -394,7 +505,10 @@ def aws_batch_emulator(
             state_dwell_s=float(state_dwell_s),
             service=service,
             api=api,
+            hooks=hooks,
         )
+        # Set-up calls are never faulted: the profile's rates apply from here on.
+        hooks.start_faults()
         emulator.startup_s = time.perf_counter() - started
         yield emulator
     finally:
@@ -410,6 +524,7 @@ def aws_batch_emulator(
                 server.stop()
                 _forget_account(account_id, moto_lock)
             shutil.rmtree(scratch, ignore_errors=True)
+            remover.close()
 
 
 # ------------------------------------------------------------------ start-up helpers

@@ -58,7 +58,18 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cloudexec import _process
 from cloudexec.testing._azure_batch_service import AzureBatchService
+from cloudexec.testing._fault_proxy import FaultProxy
+from cloudexec.testing._hooks import (
+    QUIET,
+    FaultKind,
+    Hooks,
+    IssuedCredentials,
+    RealisticProfile,
+    Target,
+    resolve_profile,
+)
 from cloudexec.testing._azurite import (
     AZURITE_ACCOUNT_KEY,
     AZURITE_ACCOUNT_NAME,
@@ -76,6 +87,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AzureBatchEmulator",
     "AzuriteNotFoundError",
+    "RealisticProfile",
     "azure_batch_emulator",
 ]
 
@@ -109,6 +121,14 @@ class AzureBatchEmulator:
             temporary directory removed on close; a given directory is kept.
         kill_grace_s: Seconds between SIGTERM and SIGKILL when a task is
             terminated or times out.
+        realistic: True for the default :class:`RealisticProfile` (completed
+            states lag, new tasks are briefly missing from lists, ~10% of Batch
+            REST and blob calls fail with 503 ``ServerBusy``/500/dropped
+            connections), a profile of your own, or False (answers at once,
+            never fails). Blob faults go through a proxy in front of Azurite.
+
+    The test hooks (``api_calls``, ``inject_faults``, ``expire_job``...) are the
+    ones every emulator offers; see ``cloudexec.testing._hooks.EmulatorHooks``.
     """
 
     def __init__(
@@ -121,7 +141,11 @@ class AzureBatchEmulator:
         task_env: Mapping[str, str] | None = None,
         root_dir: str | os.PathLike[str] | None = None,
         kill_grace_s: float = 2.0,
+        realistic: bool | RealisticProfile = False,
     ) -> None:
+        self.profile: RealisticProfile = resolve_profile(realistic)
+        """The profile in force (all zeros unless ``realistic`` was given)."""
+        self._hooks = Hooks(self.profile)
         resolved_slots = (os.cpu_count() or 1) if slots is None else slots
         if isinstance(resolved_slots, bool) or not isinstance(resolved_slots, int) or resolved_slots < 1:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
@@ -156,6 +180,7 @@ class AzureBatchEmulator:
         self._stack = contextlib.ExitStack()
         self._service: AzureBatchService | None = None
         self._azurite_port: int | None = None
+        self._blob_port: int | None = None
         self._root_dir: Path | None = None
 
     # -------------------------------------------------------------- lifecycle
@@ -178,6 +203,9 @@ class AzureBatchEmulator:
             if self._root_arg is None:
                 self._root_dir = Path(tempfile.mkdtemp(prefix="cloudexec-azure-batch-"))
                 self._stack.callback(shutil.rmtree, self._root_dir, ignore_errors=True)
+                # Deleted even if this process is SIGKILLed; tasks die with the node
+                # thread that started them.
+                self._stack.callback(_process.remove_when_owner_dies(self._root_dir).close)
             else:
                 self._root_dir = self._root_arg
                 self._root_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +218,7 @@ class AzureBatchEmulator:
                 root_dir=self._root_dir,
                 task_env={},
                 kill_grace_s=self._kill_grace_s,
+                hooks=self._hooks,
             )
             service.start()
             self._stack.callback(service.stop)
@@ -197,9 +226,17 @@ class AzureBatchEmulator:
             from azure.storage.blob import BlobServiceClient
 
             self._azurite_port = azurite.wait_ready()
+            self._blob_port = self._azurite_port
+            if self.profile is not QUIET:
+                proxy = FaultProxy(self._hooks, self._azurite_port)
+                proxy.start()
+                self._stack.callback(proxy.stop)
+                self._blob_port = proxy.port
             service.node.task_env = self.env() if self._task_env is None else dict(self._task_env)
             with BlobServiceClient.from_connection_string(self.blob_connection_string) as blobs:
                 blobs.create_container(self.container)
+            # Set-up calls are never faulted: the profile's rates apply from here on.
+            self._hooks.start_faults()
         except BaseException:
             self.close()
             raise
@@ -241,13 +278,89 @@ class AzureBatchEmulator:
 
     @property
     def api_calls(self) -> Counter[str]:
-        """Requests served per operation, keyed by SDK method name (live, clearable).
+        """A snapshot of Batch requests served per operation, keyed by SDK method name.
 
         Keys include ``create_task_collection``, ``list_tasks``, ``get_task``,
         ``download_task_file``...; rejected signatures count under
-        ``authentication_failed``.
+        ``authentication_failed``. Faulted requests count too.
         """
-        return self._running_service().api_calls
+        self._running_service()
+        return self._hooks.snapshot_calls()
+
+    def reset_api_calls(self) -> None:
+        """Sets every count in :attr:`api_calls` back to zero."""
+        self._hooks.reset_calls()
+
+    def inject_faults(
+        self, *, count: int = 0, rate: float | None = None, kind: FaultKind = "throttle", target: Target = "batch"
+    ) -> None:
+        """Makes the next ``count`` requests to ``target`` fail, and/or a share ``rate`` of later ones.
+
+        ``target="batch"``: throttling is 503 ``ServerBusy``, an error 500
+        ``InternalError``. ``target="storage"`` (blobs, through the proxy in front of
+        Azurite; needs ``realistic=``): the same codes as Azure Storage sends.
+        ``kind="reset"`` drops the connection with no answer.
+
+        Args:
+            count: Requests to fail (added to any still pending).
+            rate: Share of requests to fail from now on, in [0, 1); None keeps the rate.
+            kind: ``"throttle"``, ``"error"`` or ``"reset"``.
+            target: ``"batch"`` or ``"storage"``.
+
+        Raises:
+            ValueError: An argument out of range.
+            RuntimeError: Storage faults on an emulator started without ``realistic=``.
+        """
+        if target == "storage" and self.profile is QUIET:
+            raise RuntimeError(
+                "storage faults need the blob proxy: start the emulator with realistic=True "
+                "or realistic=RealisticProfile(storage_fault_rate=0, ...)"
+            )
+        self._hooks.inject(count=count, rate=rate, kind=kind, target=target)
+
+    def inject_throttling(self, n: int) -> None:
+        """Makes the next ``n`` Batch requests fail with 503 ``ServerBusy``.
+
+        Raises:
+            ValueError: If ``n`` is negative.
+        """
+        self._hooks.inject(count=n, kind="throttle", target="batch")
+
+    @property
+    def faults_injected(self) -> Counter[str]:
+        """Faults applied so far, per ``"<target>:<kind>"``."""
+        return self._hooks.snapshot_faults()
+
+    def issue_credentials(self) -> IssuedCredentials:
+        """Not offered yet by the Azure emulator: its Batch account uses shared keys.
+
+        Raises:
+            RuntimeError: Always.
+        """
+        raise RuntimeError(
+            "the Azure emulator does not issue expiring credentials yet (Batch uses the account's shared key)"
+        )
+
+    @property
+    def credentials_issued(self) -> int:
+        """Always 0: see :meth:`issue_credentials`."""
+        return 0
+
+    def expire_job(self, job_id: str) -> bool:
+        """Forgets a job and its tasks, as if deleted when its retention ended.
+
+        A job with running tasks has them killed first.
+
+        Returns:
+            True if the job existed.
+        """
+        service = self._running_service()
+        with service.store.lock:
+            job = service.store.jobs.get(job_id.lower())
+            if job is None or job.state == "deleting":
+                return False
+            service.node.delete_job(job)
+            return True
 
     @property
     def root_dir(self) -> Path:
@@ -287,7 +400,7 @@ class AzureBatchEmulator:
     def blob_endpoint(self) -> str:
         """Azurite's blob endpoint, ``http://127.0.0.1:<port>/devstoreaccount1``."""
         self._running_service()
-        return f"http://127.0.0.1:{self._azurite_port}/{self.storage_account_name}"
+        return f"http://127.0.0.1:{self._blob_port}/{self.storage_account_name}"
 
     @property
     def blob_connection_string(self) -> str:
@@ -349,6 +462,7 @@ def azure_batch_emulator(
     task_env: Mapping[str, str] | None = None,
     root_dir: str | os.PathLike[str] | None = None,
     kill_grace_s: float = 2.0,
+    realistic: bool | RealisticProfile = False,
 ) -> Iterator[AzureBatchEmulator]:
     """Run an offline Azure Batch (Azurite + local Batch service) for a test.
 
@@ -360,6 +474,8 @@ def azure_batch_emulator(
         task_env: Variables every task sees; None gives tasks :meth:`AzureBatchEmulator.env`.
         root_dir: Where task directories go; None means a temporary directory.
         kill_grace_s: Seconds between SIGTERM and SIGKILL when killing a task.
+        realistic: True, False or a :class:`RealisticProfile`; see
+            :class:`AzureBatchEmulator`.
 
     Yields:
         The running :class:`AzureBatchEmulator`. On exit every task process,
@@ -378,6 +494,7 @@ def azure_batch_emulator(
         task_env=task_env,
         root_dir=root_dir,
         kill_grace_s=kill_grace_s,
+        realistic=realistic,
     )
     with emulator:
         yield emulator

@@ -1,0 +1,128 @@
+"""A small HTTP reverse proxy that puts the emulator's storage faults in front of a store.
+
+Azurite cannot be told to fail, so in a realistic Azure emulator every blob
+request (the client's and the tasks') goes through this proxy::
+
+    azure-storage-blob / adlfs --> FaultProxy (127.0.0.1:<port>) --> Azurite
+                                     | hooks.draw_fault("storage")
+                                     v
+                                   503 ServerBusy / 500 InternalError / TCP reset
+
+Answers are read whole from the store and sent with a Content-Length, so a
+fault never leaves half a body behind; a reset drops the connection before the
+request reaches the store.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from cloudexec.testing._hooks import Hooks, reset_socket
+
+__all__ = ["FaultProxy"]
+
+# Hop-by-hop headers (RFC 9110 section 7.6.1) are not forwarded.
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+_STORAGE_FAULTS = {
+    # Azure Storage's own throttling answer (Storage error codes reference).
+    "throttle": (503, "ServerBusy", "The server is currently unable to receive requests. Please retry your request."),
+    "error": (500, "InternalError", "The server encountered an internal error. Please retry the request."),
+}
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _ProxyServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._forward()
+
+    do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        fault = self.server.hooks.draw_fault("storage")
+        if fault is not None and fault.kind == "reset":
+            reset_socket(self.connection)
+            self.close_connection = True
+            return
+        if fault is not None:
+            status, code, message = _STORAGE_FAULTS[fault.kind]
+            data = (
+                '<?xml version="1.0" encoding="utf-8"?>'
+                f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+            ).encode()
+            self.send_response(status)
+            self.send_header("x-ms-error-code", code)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
+        try:
+            upstream.request(self.command, self.path, body=body if body or length else None, headers=headers)
+            answer = upstream.getresponse()
+            data = answer.read()
+            self.send_response(answer.status, answer.reason)
+            for name, value in answer.getheaders():
+                if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                    self.send_header(name, value)
+            if self.command == "HEAD":
+                self.send_header("Content-Length", answer.getheader("Content-Length") or "0")
+            else:
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        finally:
+            upstream.close()
+
+
+class _ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, hooks: Hooks, upstream_port: int) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.hooks = hooks
+        self.upstream_port = upstream_port
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Dropped client connections are routine here (and some are our own resets).
+        pass
+
+
+class FaultProxy:
+    """Forwards HTTP on a free 127.0.0.1 port to ``upstream_port``, applying storage faults.
+
+    Args:
+        hooks: The emulator's hooks (fault rates and counts for ``"storage"``).
+        upstream_port: Port of the real store on 127.0.0.1.
+    """
+
+    def __init__(self, hooks: Hooks, upstream_port: int) -> None:
+        self._server = _ProxyServer(hooks, upstream_port)
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="cloudexec-fault-proxy", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start forwarding."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop forwarding and close the listening socket."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,102 @@
+"""Helpers for the realistic-profile tests: counting the SDKs' own retries."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import importlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+# botocore (and aiobotocore, which reuses its logger) writes this record for every retry.
+_BOTOCORE_LOGGER = "botocore.retries.standard"
+_BOTOCORE_PREFIX = "Retry needed, retrying"
+
+# The Azure SDKs do not log retries: their retry policies' increment() says whether
+# to retry, so that is what is counted ("module:Class").
+_AZURE_POLICIES = (
+    "azure.core.pipeline.policies._retry:RetryPolicyBase",
+    "azure.storage.blob._shared.policies:StorageRetryPolicy",
+)
+
+
+class _BotocoreRetries(logging.Handler):
+    def __init__(self, counts: collections.Counter[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.counts = counts
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(_BOTOCORE_PREFIX):
+            self.counts["botocore"] += 1
+
+
+@contextlib.contextmanager
+def count_sdk_retries() -> Iterator[collections.Counter[str]]:
+    """Count the retries botocore/aiobotocore and the Azure SDKs make inside the block."""
+    counts: collections.Counter[str] = collections.Counter()
+    handler = _BotocoreRetries(counts)
+    logger = logging.getLogger(_BOTOCORE_LOGGER)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    patched: list[tuple[Any, Any]] = []
+    for spec in _AZURE_POLICIES:
+        module_name, class_name = spec.split(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue
+        original = cls.__dict__["increment"]
+
+        @functools.wraps(original)
+        def increment(self: Any, *args: Any, __original: Any = original, __name: str = class_name, **kwargs: Any) -> Any:
+            retry = __original(self, *args, **kwargs)
+            if retry:
+                counts[__name] += 1
+            return retry
+
+        cls.increment = increment
+        patched.append((cls, original))
+    try:
+        yield counts
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        for cls, original in patched:
+            cls.increment = original
+
+
+# The contract tests that status lag, transient faults and cancellation exercise,
+# run a second time on each emulator's realistic profile. The rest of the contract
+# (settings, pickling, the crash matrix...) does not depend on timing or faults
+# and would only double the CI time. Order under faults is the 2,000-item maps'
+# own test (test_<provider>_realistic.py); a 25-job map of cold processes here
+# would only measure the machine.
+
+from contract import ExecutorContract  # noqa: E402
+
+REALISTIC_SUBSET = frozenset(
+    {
+        "test_submit_returns_result_and_properties",
+        "test_map_raises_at_the_failing_item",
+        "test_array_with_a_failing_child",
+        "test_cancel_running_job_aborts_it_at_the_provider",
+        "test_cancel_array_terminates_every_child",
+        "test_cancel_pending_and_finished",
+        "test_attach_by_job_id_from_another_executor",
+    }
+)
+
+
+class RealisticContract(ExecutorContract):
+    """:data:`REALISTIC_SUBSET` of the executor contract; a provider subclass gives ``make_executor``
+    on an emulator started with ``realistic=True``."""
+
+
+for _name in dir(ExecutorContract):
+    if _name.startswith("test_") and _name not in REALISTIC_SUBSET:
+        # None is not collected by pytest: the test is left out of this class only.
+        setattr(RealisticContract, _name, None)
+

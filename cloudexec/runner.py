@@ -25,6 +25,9 @@ what to do around a run:
                           ``finish()`` on what it returns after it (a
                           provider that keeps logs and output files in its
                           own places tees and uploads them)
+``--storage-setup HOOK``  call ``module:callable`` with the job's opened
+                          storage before any read (a provider tunes its
+                          storage SDK there, e.g. its retry policy)
 
 Cold start matters, every job pays it: this module imports only the standard
 library at top level; dill comes in to unpickle, and fsspec (with s3fs or
@@ -196,11 +199,13 @@ def run_job(
     index: int | None = None,
     loaded: _Loaded | None = None,
     environ: Mapping[str, str] | None = None,
+    storage_setup: str | None = None,
 ) -> int:
     """Run one job (or array child) and write its signed result; return the exit code.
 
     ``environ`` stands for the job's environment (default ``os.environ``):
-    where its key comes from.
+    where its key comes from. ``storage_setup`` is the provider's
+    ``module:callable`` called with the opened `Store` before any read.
 
     A call that raises ``SystemExit`` (``sys.exit(4)``) ends the job as a
     process that exits does: with that exit code and no result. The client
@@ -219,6 +224,8 @@ def run_job(
     except BaseException as exc:  # noqa: BLE001 - nowhere to write a result to
         sys.stderr.write(f"cloudexec: cannot open the job storage {job_url}: {type(exc).__name__}: {exc}\n")
         return EXIT_INFRA
+    if storage_setup and loaded is None:
+        _call_hook(storage_setup, "storage setup", store)
     code = EXIT_OK
     try:
         if loaded is None:
@@ -326,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODULE:CALLABLE",
         help="called before the run; finish() is called on what it returns after the run",
     )
+    parser.add_argument(
+        "--storage-setup",
+        default=None,
+        metavar="MODULE:CALLABLE",
+        help="called with the job's opened storage before any read",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -333,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args.job_url, args.control_fd)
     # Only a provider that asks for a capture pays its import, so the others'
     # cold start does not change.
-    capture = _start_capture(args.capture_output) if args.capture_output else None
+    capture = _call_hook(args.capture_output, "output capture") if args.capture_output else None
     try:
         return _run_parsed(args)
     finally:
@@ -341,12 +354,12 @@ def main(argv: list[str] | None = None) -> int:
             capture.finish()
 
 
-def _start_capture(hook: str) -> Any:
-    """Call the provider's ``module:callable`` capture hook; ``None`` if it cannot start.
+def _call_hook(hook: str, what: str, *args: Any) -> Any:
+    """Call the provider's ``module:callable`` hook with ``args``; ``None`` if it fails.
 
     The hook comes from the command line, which the provider wrote: it is
     trusted as the runner itself is (stored payloads are not). A hook that
-    fails to load must not cost the job its run: the reason goes to stderr.
+    fails must not cost the job its run: the reason goes to stderr.
     """
     import importlib
 
@@ -355,9 +368,9 @@ def _start_capture(hook: str) -> Any:
         target: Any = importlib.import_module(module)
         for attr in (name or "start").split("."):
             target = getattr(target, attr)
-        return target()
-    except Exception as exc:  # noqa: BLE001 - the job runs without the capture
-        sys.stderr.write(f"cloudexec: cannot start the output capture {hook!r}: {type(exc).__name__}: {exc}\n")
+        return target(*args)
+    except Exception as exc:  # noqa: BLE001 - the job runs without the hook
+        sys.stderr.write(f"cloudexec: cannot run the {what} hook {hook!r}: {type(exc).__name__}: {exc}\n")
         return None
 
 
@@ -373,7 +386,7 @@ def _run_parsed(args: Any) -> int:
         if index is None:
             sys.stderr.write(f"cloudexec: --array given but no index: expected {args.index_env} in the environment\n")
             return EXIT_INFRA
-    return run_job(args.job_url, index=index)
+    return run_job(args.job_url, index=index, storage_setup=args.storage_setup)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ task slots) serves the module.
 
 from __future__ import annotations
 
+import importlib
+
 import asyncio
 import base64
 import datetime as dt
@@ -181,14 +183,34 @@ def test_runner_loads_conventions_only_when_asked() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
 
 
-def test_command_line_names_the_index_variable_and_the_capture() -> None:
+def test_command_line_names_the_index_variable_the_capture_and_the_storage_setup() -> None:
     provider = object.__new__(AzureBatchProvider)  # command_for needs no client
     single = provider.command_for("az://c/job-1", array=False)
     array = provider.command_for("az://c/job-1", array=True)
-    assert single == ("python", "-m", "cloudexec.runner", "az://c/job-1", "--capture-output", _conventions.CAPTURE_HOOK)
+    assert single == (
+        "python", "-m", "cloudexec.runner", "az://c/job-1",
+        "--capture-output", _conventions.CAPTURE_HOOK, "--storage-setup", _conventions.STORAGE_HOOK,
+    )
     assert array == (
         *single[:4], "--array", *single[4:], "--index-env", "AZ_BATCH_TASK_ID", "--index-base", "10000001"
     )
+
+
+def test_a_task_gives_its_blob_client_the_providers_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a task, the blob SDK's default first backoff (15 s) would stall a job behind one throttle."""
+    from adlfs import AzureBlobFileSystem
+
+    from cloudexec._storage import FsspecStore
+
+    fs = AzureBlobFileSystem(account_name="devstoreaccount1", account_key="a2V5", skip_instance_cache=True)
+    policy = fs.service_client._config.retry_policy
+    assert policy.initial_backoff == 15  # azure-storage-blob's own default
+    monkeypatch.setenv(_conventions.ATTEMPTS_ENV_VAR, "7")
+    module, _, name = _conventions.STORAGE_HOOK.partition(":")
+    hook = getattr(importlib.import_module(module), name)
+    hook(FsspecStore("az://c/jobs/j", fs=fs))
+    assert (policy.initial_backoff, policy.total_retries, policy.status_retries) == (0.5, 6, 6)
+    hook(object())  # a local folder: nothing to tune, nothing raised
 
 
 @pytest.mark.timeout(30)
@@ -201,7 +223,7 @@ def test_capture_tees_output_and_uploads_logs_and_job_output(tmp_path: Path) -> 
         import os, sys
         from cloudexec import runner
         from cloudexec.providers._azure_conventions import CAPTURE_HOOK
-        capture = runner._start_capture(CAPTURE_HOOK)  # what the command line's --capture-output does
+        capture = runner._call_hook(CAPTURE_HOOK, "output capture")  # what the command line's --capture-output does
         print("from python", flush=True)
         os.system("echo from a subprocess; echo to stderr >&2")
         os.makedirs("JobOutput/sub")

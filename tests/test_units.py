@@ -498,9 +498,9 @@ def test_array_index_from_env_rejects(environ: dict[str, str], base: int, match:
 def test_a_capture_hook_that_cannot_start_costs_the_job_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     from cloudexec import runner
 
-    assert runner._start_capture("cloudexec_no_such_module:start") is None
-    assert "cannot start the output capture 'cloudexec_no_such_module:start'" in capsys.readouterr().err
-    assert runner._start_capture("cloudexec.settings:JobSettings") == JobSettings()  # module:callable is called
+    assert runner._call_hook("cloudexec_no_such_module:start", "output capture") is None
+    assert "cannot run the output capture hook 'cloudexec_no_such_module:start'" in capsys.readouterr().err
+    assert runner._call_hook("cloudexec.settings:JobSettings", "x") == JobSettings()  # module:callable is called
 
 
 class LaggingProvider(FakeProvider):
@@ -977,3 +977,28 @@ def test_a_child_whose_retry_succeeded_is_delivered_before_the_array_ends(tmp_pa
         assert arr.children[0].result(timeout=4) == 2  # its second attempt succeeded
         assert not arr.done()  # child 1 still naps
         assert arr.result(timeout=20) == [2, 1]
+
+
+def test_the_storage_setup_hook_reaches_run_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudexec import runner
+
+    seen: list[tuple[str, Any]] = []
+    monkeypatch.setattr(runner, "run_job", lambda url, **kw: seen.append((url, kw)) or 0)
+    assert runner.main(["file:///tmp/x/jobs/j-1", "--storage-setup", "m:f"]) == 0
+    assert seen == [("file:///tmp/x/jobs/j-1", {"index": None, "storage_setup": "m:f"})]
+
+
+def test_run_job_calls_the_storage_setup_hook_with_the_opened_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job whose storage cannot be set up still runs (the hook's failure goes to stderr)."""
+    from cloudexec import runner
+
+    from cloudexec._keys import JOB_KEY_ENV
+
+    code = runner.run_job(
+        tmp_path.as_uri() + "/jobs/j-1", environ={JOB_KEY_ENV: "ab" * 32}, storage_setup="cloudexec_no_such_module:f"
+    )
+    err = capsys.readouterr().err
+    assert "cannot run the storage setup hook 'cloudexec_no_such_module:f'" in err
+    assert code != 0  # no call was stored there: the runner went on and reported that

@@ -50,7 +50,11 @@ import tempfile
 from typing import Any
 
 __all__ = [
+    "ATTEMPTS_ENV_VAR",
     "CAPTURE_HOOK",
+    "STORAGE_HOOK",
+    "setup_task_storage",
+    "tune_blob_retries",
     "ENV_VAR",
     "OUTPUT_DIR",
     "LOG_KIND",
@@ -65,6 +69,11 @@ __all__ = [
 ENV_VAR = "CLOUDEXEC_TASK_OUTPUT"
 #: The runner's ``--capture-output`` hook that starts `TaskOutputCapture` in a task.
 CAPTURE_HOOK = f"{__name__}:TaskOutputCapture.start"
+#: The runner's ``--storage-setup`` hook that gives a task's blob client `tune_blob_retries`.
+STORAGE_HOOK = f"{__name__}:setup_task_storage"
+#: Set by the Azure provider on every task: attempts per blob call (its ``max_api_attempts``).
+ATTEMPTS_ENV_VAR = "CLOUDEXEC_STORAGE_ATTEMPTS"
+_DEFAULT_ATTEMPTS = 10
 #: Folder (relative to the task's working directory) whose files are uploaded.
 OUTPUT_DIR = "JobOutput"
 #: Azure's names for the two kinds of saved files (``TaskOutputKind`` in the conventions library).
@@ -250,6 +259,41 @@ class TaskOutputCapture:
                 f"{type(exc).__name__}: {exc}. They stay in the task's directory on the node.\n"
             )
             sys.stderr.flush()
+
+
+def tune_blob_retries(fs: Any, attempts: int) -> None:
+    """Give adlfs's blob client ``attempts`` tries with a short first backoff.
+
+    adlfs takes no retry options; azure-storage-blob's default (3 retries, the
+    first after 15 s, then 15 s + 3**n) would stall every read behind one
+    throttled request, in the client and in every task alike. The policy
+    object is the service client's own, shared by the container and blob
+    clients adlfs derives from it.
+    """
+    policy = getattr(getattr(getattr(fs, "service_client", None), "_config", None), "retry_policy", None)
+    if policy is None:
+        return
+    for name in ("total_retries", "connect_retries", "read_retries", "status_retries"):
+        if hasattr(policy, name):
+            setattr(policy, name, attempts - 1)
+    if hasattr(policy, "initial_backoff"):
+        policy.initial_backoff = 0.5
+        policy.increment_base = 2
+
+
+def setup_task_storage(store: Any) -> None:
+    """The runner's ``--storage-setup`` hook inside a task: `tune_blob_retries` on the job's storage.
+
+    A local folder (no fsspec filesystem) is left as it is.
+    """
+    fs = getattr(store, "fs", None)
+    if fs is None:
+        return
+    try:
+        attempts = max(1, int(os.environ.get(ATTEMPTS_ENV_VAR) or _DEFAULT_ATTEMPTS))
+    except ValueError:
+        attempts = _DEFAULT_ATTEMPTS
+    tune_blob_retries(fs, attempts)
 
 
 def _output_files(folder: str) -> list[tuple[str, str]]:

@@ -243,9 +243,16 @@ class AzureBatchProvider(BulkDescribe, Provider):
         """The runner command: array children read their index from ``AZ_BATCH_TASK_ID``.
 
         Every task also tees its output, which the runner uploads with
-        ./JobOutput/ under the Batch File Conventions when the run ends.
+        ./JobOutput/ under the Batch File Conventions when the run ends, and
+        gives its blob client the provider's retry policy (not the blob SDK's
+        15 s first backoff).
         """
-        command = super().command_for(job_url, array=array) + ("--capture-output", _conventions.CAPTURE_HOOK)
+        command = super().command_for(job_url, array=array) + (
+            "--capture-output",
+            _conventions.CAPTURE_HOOK,
+            "--storage-setup",
+            _conventions.STORAGE_HOOK,
+        )
         if array:
             command += ("--index-env", "AZ_BATCH_TASK_ID", "--index-base", str(AZURE_FIRST_CHILD_TASK_ID))
         return command
@@ -288,7 +295,7 @@ class AzureBatchProvider(BulkDescribe, Provider):
             import fsspec.core
 
             self._fs, _ = fsspec.core.url_to_fs(self.storage_url, **self.storage_options)
-            _tune_blob_retries(self._fs, self.max_api_attempts)
+            _conventions.tune_blob_retries(self._fs, self.max_api_attempts)
         return self._fs
 
     # -- submit ---------------------------------------------------------------------
@@ -316,6 +323,7 @@ class AzureBatchProvider(BulkDescribe, Provider):
         env = {
             "CLOUDEXEC_JOB_ID": job_id,
             _conventions.ENV_VAR: f"{self.scheme}://{container}",
+            _conventions.ATTEMPTS_ENV_VAR: str(self.max_api_attempts),
             **self.task_environment,
             **spec.environment,
         }
@@ -344,9 +352,10 @@ class AzureBatchProvider(BulkDescribe, Provider):
                 _resend_if_dropped(lambda: self.client.create_task(job_id, task), self.max_api_attempts, "TaskExists")
             else:
                 self._add_children(spec, spec.array_size)
-            self.client.update_job(
-                job_id, m.BatchJobUpdateOptions(all_tasks_complete_mode=m.BatchAllTasksCompleteMode.TERMINATE_JOB)
-            )
+            # A PATCH: azure-core does not resend it when the connection drops,
+            # and setting the same mode twice is harmless.
+            update = m.BatchJobUpdateOptions(all_tasks_complete_mode=m.BatchAllTasksCompleteMode.TERMINATE_JOB)
+            _resend_if_dropped(lambda: self.client.update_job(job_id, update), self.max_api_attempts)
         except BaseException as exc:
             self._discard(job_id, container)
             if isinstance(exc, CloudExecError) or not isinstance(exc, Exception):
@@ -414,10 +423,14 @@ class AzureBatchProvider(BulkDescribe, Provider):
         try:
             # The SDK's poller (a daemon thread) waits for the job to leave
             # "terminating"; nothing here waits for it.
-            self.client.begin_terminate_job(
-                job_id,
-                BatchJobTerminateOptions(termination_reason=reason),
-                polling_interval=self.lro_polling_interval_s,
+            # Terminating twice answers 409, which counts as done below.
+            _resend_if_dropped(
+                lambda: self.client.begin_terminate_job(
+                    job_id,
+                    BatchJobTerminateOptions(termination_reason=reason),
+                    polling_interval=self.lro_polling_interval_s,
+                ),
+                self.max_api_attempts,
             )
         except Exception as exc:
             # 409 JobCompleted / JobBeingTerminated / JobBeingDeleted, 404: it already ended.
@@ -426,7 +439,7 @@ class AzureBatchProvider(BulkDescribe, Provider):
 
     def _terminate_task(self, job_id: str, task_id: str) -> None:
         try:
-            self.client.terminate_task(job_id, task_id)
+            _resend_if_dropped(lambda: self.client.terminate_task(job_id, task_id), self.max_api_attempts)
         except Exception as exc:
             if not (_is_not_found(exc) or getattr(exc, "status_code", None) == 409):
                 raise
@@ -863,25 +876,6 @@ def _resend_if_dropped(call: Callable[[], Any], attempts: int, exists_code: str 
                 return None
             raise
     return None
-
-
-def _tune_blob_retries(fs: Any, attempts: int) -> None:
-    """Give adlfs's blob client ``attempts`` tries with a short first backoff.
-
-    adlfs takes no retry options; azure-storage-blob's default (3 retries, the
-    first after 15 s, then 15 s + 3**n) would stall every result read behind one
-    throttled request. The policy object is the service client's own, shared by
-    the container and blob clients adlfs derives from it.
-    """
-    policy = getattr(getattr(getattr(fs, "service_client", None), "_config", None), "retry_policy", None)
-    if policy is None:
-        return
-    for name in ("total_retries", "connect_retries", "read_retries", "status_retries"):
-        if hasattr(policy, name):
-            setattr(policy, name, attempts - 1)
-    if hasattr(policy, "initial_backoff"):
-        policy.initial_backoff = 0.5
-        policy.increment_base = 2
 
 
 def _check_storage(provider: AzureBatchProvider, container: str) -> None:

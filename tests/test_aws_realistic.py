@@ -12,7 +12,8 @@ import pytest
 import jobs
 from cloudexec.testing import aws_batch_emulator
 from cloudexec.testing._hooks import RealisticProfile
-from realistic import count_sdk_retries
+from contract import executor_factory
+from realistic import RealisticContract, count_sdk_retries
 
 pytestmark = [pytest.mark.aws, pytest.mark.realistic]
 
@@ -83,10 +84,6 @@ def test_map_spans_several_credential_expiries(rotating_emu: Any) -> None:
     assert rotations >= 3
 
 
-@pytest.mark.skip(
-    reason="known problem, under investigation: on a busy 2-core CI machine this map sometimes runs past 300 s "
-    "(it passed in 185 s twice); the Azure twin runs in CI. To run it, remove this mark"
-)
 @pytest.mark.timeout(300)
 def test_map_of_2000_items_under_transient_faults_loses_nothing() -> None:
     """>=10% of Batch and S3 calls fail (429/5xx/resets); botocore's retries absorb them."""
@@ -110,8 +107,22 @@ def test_map_of_2000_items_under_transient_faults_loses_nothing() -> None:
     assert faults["storage:throttle"] + faults["storage:error"] + faults["storage:reset"] > 0
 
 
-# The contract's realistic subset (tests/realistic.py) is not run on this
-# emulator yet: on the AWS realistic profile a few of its tests (an array with
-# a failing child, attach from another executor, cancel of a pending job) now
-# and then wait past their 45-90 s limits, and the cause is not found yet.
-# It runs on the Azure emulator (tests/test_azure_realistic.py).
+@pytest.fixture(scope="module")
+def realistic_emu() -> Iterator[Any]:
+    with aws_batch_emulator(timeout_scale=0.02, max_vcpus=4, realistic=True) as emulator:
+        yield emulator
+
+
+class TestAWSContractRealistic(RealisticContract):
+    """The contract's lag/fault/cancel subset on the AWS emulator's default realistic profile."""
+
+    timeout_exit_code = 143
+    memory_limit = None
+
+    @pytest.fixture
+    def make_executor(self, realistic_emu: Any) -> Iterator[Any]:
+        def build(**kwargs: Any) -> Any:
+            return realistic_emu.executor(**{"poll_interval_s": FAST_POLL, **kwargs})
+
+        yield from executor_factory(build, shutdown_limit_s=30)
+        print(f"\nAWS realistic contract: faults so far {dict(realistic_emu.faults_injected)}")

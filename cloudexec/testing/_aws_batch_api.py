@@ -284,6 +284,13 @@ def _reset_connection(environ: dict[str, Any]) -> Iterable[bytes]:
     if sock is not None:
         # Linger 0: closing the socket sends RST instead of FIN.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # werkzeug keeps an HTTP/1.1 connection open after a dropped answer and
+        # waits for the next request on it, while the client waits for this
+        # answer until its read timeout: end the connection here.
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def body() -> Iterator[bytes]:
         # Raised before any byte is written: werkzeug treats it as a dropped

@@ -45,7 +45,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from cloudexec import _keys, _payload
@@ -251,15 +251,20 @@ def run_job(
     return code or reported
 
 
-def _serve(job_url: str, control_fd: int) -> int:
+def _serve(job_url: str, control_fd: int, orphans: _Orphans | None = None) -> int:
     """Warm worker for the local provider: runs array children one after another.
 
     Protocol, one line each: stdin gets ``run <index> <stdout-path> <stderr-path>``;
     the control fd gets ``start <index>`` and ``exit <index> <exit-code>``. Each
     child's stdout and stderr (file descriptors 1 and 2, so output of C code
     and subprocesses too) go to its own files. EOF on stdin ends the worker.
+
+    With ``orphans``, a worker whose client died (EOF on stdin and a new
+    parent) goes on to run the array's children that no worker started, so
+    the array still completes and a new process can attach to it.
     """
-    control = os.fdopen(control_fd, "w", buffering=1)
+    control = _Control(os.fdopen(control_fd, "w", buffering=1))
+    parent = os.getppid()
     try:
         job_id, key = job_id_of(job_url), _job_key()
     except (ValueError, IntegrityError) as exc:
@@ -278,13 +283,10 @@ def _serve(job_url: str, control_fd: int) -> int:
         if isinstance(exc, IntegrityError):
             sys.stderr.write(f"cloudexec: {exc}\n")
     saved_out, saved_err = os.dup(1), os.dup(2)
-    for line in sys.stdin:
-        parts = line.rstrip("\n").split(" ", 3)
-        if parts[0] != "run" or len(parts) != 4:
-            continue
-        index = int(parts[1])
+
+    def run_child(index: int, out_path: str, err_path: str) -> None:
         control.write(f"start {index}\n")
-        _redirect(parts[2], parts[3])
+        _redirect(out_path, err_path)
         try:
             if load_error is not None:
                 outcomes = _infra_outcome(load_error)
@@ -302,7 +304,93 @@ def _serve(job_url: str, control_fd: int) -> int:
             os.dup2(saved_out, 1)
             os.dup2(saved_err, 2)
         control.write(f"exit {index} {code}\n")
+
+    for line in sys.stdin:
+        parts = line.rstrip("\n").split(" ", 3)
+        if parts[0] != "run" or len(parts) != 4:
+            continue
+        index = int(parts[1])
+        if orphans is not None and not orphans.claim_ordered(index):
+            continue  # an orphaned worker took it after the client died
+        run_child(index, parts[2], parts[3])
+    if orphans is not None and os.getppid() != parent:
+        # The client died (EOF without a retirement): finish its array.
+        while (orphan := orphans.claim_next()) is not None:
+            run_child(orphan, *orphans.log_paths(orphan))
     return EXIT_OK
+
+
+class _Control:
+    """The control pipe to the client; writes after the client died are dropped."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.closed = False
+
+    def write(self, text: str) -> None:
+        if self.closed:
+            return
+        try:
+            self.fh.write(text)
+        except (BrokenPipeError, ValueError, OSError):
+            self.closed = True
+
+
+class _Orphans:
+    """Which children of a local array were started, shared by its workers through files.
+
+    ``claims`` (a local folder) holds ``ordered-<i>`` for each child the client
+    sent to a worker (or cancelled) and ``orphan-<i>`` for each a worker took on
+    its own after the client died (``closed``: the array was cancelled); they
+    are made under an exclusive ``flock``, so a child is never run by an
+    orphaned worker and by a worker the client ordered it from.
+    """
+
+    def __init__(self, claims: str, size: int, log_dir: str) -> None:
+        self.claims, self.size, self.log_dir = claims, size, log_dir
+        os.makedirs(claims, exist_ok=True)
+
+    def _locked(self) -> Any:
+        import contextlib
+        import fcntl
+
+        @contextlib.contextmanager
+        def lock() -> Iterator[None]:
+            fd = os.open(os.path.join(self.claims, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+
+        return lock()
+
+    def _mark(self, name: str) -> None:
+        os.close(os.open(os.path.join(self.claims, name), os.O_WRONLY | os.O_CREAT, 0o600))
+
+    def claim_ordered(self, index: int) -> bool:
+        """Record that the client ordered child ``index``; False if an orphaned worker has it."""
+        with self._locked():
+            if os.path.exists(os.path.join(self.claims, f"orphan-{index}")):
+                return False
+            self._mark(f"ordered-{index}")
+            return True
+
+    def claim_next(self) -> int | None:
+        """Take the first child nobody started; None when there is none."""
+        with self._locked():
+            taken = set(os.listdir(self.claims))
+            if "closed" in taken:  # the whole array was cancelled
+                return None
+            for index in range(self.size):
+                if f"ordered-{index}" not in taken and f"orphan-{index}" not in taken:
+                    self._mark(f"orphan-{index}")
+                    return index
+        return None
+
+    def log_paths(self, index: int) -> tuple[str, str]:
+        """Where the local provider reads child ``index``'s stdout and stderr."""
+        return os.path.join(self.log_dir, f"{index}.out"), os.path.join(self.log_dir, f"{index}.err")
 
 
 def _redirect(out_path: str, err_path: str) -> None:
@@ -340,10 +428,14 @@ def main(argv: list[str] | None = None) -> int:
         help="called with the job's opened storage before any read",
     )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--claims", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--log-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        return _serve(args.job_url, args.control_fd)
+        orphans = _Orphans(args.claims, args.size, args.log_dir) if args.claims and args.size else None
+        return _serve(args.job_url, args.control_fd, orphans)
     # Only a provider that asks for a capture pays its import, so the others'
     # cold start does not change.
     capture = _call_hook(args.capture_output, "output capture") if args.capture_output else None

@@ -112,15 +112,7 @@ def _provider(kind: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param(
-            "local",
-            marks=pytest.mark.xfail(
-                reason="local provider: an array whose client died is reported lost at once while its started "
-                "children still run and will write their results (the job's state file keeps no child pids, "
-                "so a new process cannot tell running children from dead ones)",
-                strict=True,
-            ),
-        ),
+        "local",
         "aws",
         "azure",
     ],

@@ -117,6 +117,30 @@ def test_default_io_root_is_a_temporary_folder() -> None:
 
 
 @pytest.mark.timeout(60)
+def test_jobs_on_the_default_temporary_folder_end_before_it_is_removed_at_exit() -> None:
+    """Nothing can attach to a job in a folder removed at exit: its process must not outlive the folder."""
+    import psutil
+
+    out = run_script(
+        f"""
+        import os, sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import jobs
+        from cloudexec import LocalBatchExecutor
+        ex = LocalBatchExecutor(max_workers=1)  # no shutdown(): the interpreter just ends
+        fut = ex.submit(jobs.nap, 30.0)
+        while not fut.running():
+            time.sleep(0.02)
+        print(fut.properties()["pid"], ex.io_url, flush=True)
+        """
+    )
+    pid, url = out.split()
+    folder = url.removeprefix("file://")
+    assert not os.path.exists(folder)
+    assert not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.timeout(60)
 def test_main_module_functions_run(io_root: str) -> None:
     out = run_script(
         f"""

@@ -1002,3 +1002,20 @@ def test_run_job_calls_the_storage_setup_hook_with_the_opened_store(
     err = capsys.readouterr().err
     assert "cannot run the storage setup hook 'cloudexec_no_such_module:f'" in err
     assert code != 0  # no call was stored there: the runner went on and reported that
+
+
+def test_orphaned_workers_share_the_children_nobody_started(tmp_path: Path) -> None:
+    """A local array's workers that outlive their client split the unstarted children, once each."""
+    from cloudexec.runner import _Orphans
+
+    a = _Orphans(str(tmp_path / "claims"), 5, str(tmp_path / "logs"))
+    b = _Orphans(str(tmp_path / "claims"), 5, str(tmp_path / "logs"))
+    assert a.claim_ordered(0) and a.claim_ordered(2)  # the client had sent 0 and 2
+    assert [b.claim_next(), a.claim_next()] == [1, 3]
+    assert not a.claim_ordered(3)  # still in a pipe, but an orphaned worker has it
+    (tmp_path / "claims" / "ordered-4").touch()  # child 4 was cancelled
+    assert b.claim_next() is None
+    assert a.log_paths(1) == (str(tmp_path / "logs" / "1.out"), str(tmp_path / "logs" / "1.err"))
+    c = _Orphans(str(tmp_path / "other"), 3, str(tmp_path / "logs"))
+    (tmp_path / "other" / "closed").touch()  # the whole array was cancelled
+    assert c.claim_next() is None

@@ -22,13 +22,16 @@ re-attach to it by id.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -147,6 +150,9 @@ class _LocalJob:
         self.workers: list[_Worker] = []
         self.skip: set[int | None] = set()  # children withdrawn from a worker's pipe
         self.persisted: str | None = None
+        # Every warm worker this array had, as _process_identity: after the client
+        # dies, a worker still runs the children already piped to it.
+        self.worker_identities: list[list[float]] = []
 
     def status(self) -> LocalJobStatus:
         c = self.counts
@@ -191,15 +197,40 @@ def _kill_group(pid: int) -> None:
 
 
 def _pid_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    import psutil
+
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
+
+
+def _process_identity(pid: int) -> list[float]:
+    """``[pid, start time]``: names one process even after its pid is reused."""
+    import psutil
+
+    try:
+        return [pid, psutil.Process(pid).create_time()]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return [pid, 0.0]
+
+
+def _identity_alive(identity: Sequence[float]) -> bool:
+    """Whether the process `_process_identity` named still runs (and is not a zombie)."""
+    import psutil
+
+    pid, started = int(identity[0]), float(identity[1])
+    if not _pid_alive(pid):
+        return False
+    try:
+        return not started or abs(psutil.Process(pid).create_time() - started) < 0.01
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 # Children queued to one warm worker beyond the one it runs: hides the round
@@ -266,6 +297,9 @@ class _Scheduler:
     def cancel(self, job: _LocalJob, reason: str, index: int | None) -> None:
         with self.cond:
             tasks = job.tasks if index is None else [job.tasks[index]]
+            if job.is_array:
+                # Workers that outlive the client must not start what was cancelled.
+                _withdraw_from_orphans(job, index)
             for task in tasks:
                 if task.status in (S.SUBMITTED, S.RUNNABLE):
                     self._unqueue(task)
@@ -401,7 +435,14 @@ class _Scheduler:
         try:
             with open(os.path.join(job.log_dir, "worker.log"), "ab") as worker_log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "cloudexec.runner", job.spec.job_url, "--serve", "--control-fd", str(write_fd)],
+                    [
+                        sys.executable, "-m", "cloudexec.runner", job.spec.job_url,
+                        "--serve", "--control-fd", str(write_fd),
+                        # After a client's death its workers finish the array (see runner._Orphans).
+                        "--claims", os.path.join(job.dir, "claims"),
+                        "--size", str(len(job.tasks)),
+                        "--log-dir", job.log_dir,
+                    ],
                     stdin=subprocess.PIPE,
                     stdout=worker_log,
                     stderr=worker_log,
@@ -422,6 +463,8 @@ class _Scheduler:
         os.close(write_fd)
         worker = _Worker(job, proc)
         job.workers.append(worker)
+        job.worker_identities.append(_process_identity(proc.pid))
+        _persist(job)
         self.free_vcpus -= job.vcpus
         threading.Thread(target=self._read_worker, args=(worker, read_fd), daemon=True).start()
         return worker
@@ -546,6 +589,28 @@ class _Scheduler:
         return wake
 
 
+def _end_jobs_and_remove(provider: weakref.ref[LocalProvider], folder: str) -> None:
+    """At exit: end the job processes of an executor on a temporary folder, then remove the folder."""
+    alive = provider()
+    if alive is not None:
+        try:
+            alive.close()
+        except Exception:  # noqa: BLE001 - the folder must go all the same
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _withdraw_from_orphans(job: _LocalJob, index: int | None) -> None:
+    """Mark child ``index`` (every child if None) as not to be run by orphaned workers (runner._Orphans)."""
+    claims = os.path.join(job.dir, "claims")
+    try:
+        os.makedirs(claims, exist_ok=True)
+        name = "closed" if index is None else f"ordered-{index}"
+        os.close(os.open(os.path.join(claims, name), os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError:
+        pass
+
+
 def _persist(job: _LocalJob) -> None:
     """Record the job's state next to it, for re-attach from another process."""
     status = job.status()
@@ -555,6 +620,8 @@ def _persist(job: _LocalJob) -> None:
         state.update(exit_code=task.exit_code, reason=task.reason, attempts=task.attempts, pid=task.pid)
     elif status.terminal:
         state["children"] = [[t.status.value, t.exit_code, t.reason, t.attempts] for t in job.tasks]
+    else:
+        state.update(size=len(job.tasks), workers=job.worker_identities)
     try:
         LocalStore(job.dir).write("local.json", json.dumps(state).encode())
     except OSError:
@@ -577,6 +644,9 @@ class LocalProvider(Provider):
         self.env = dict(env or {})
         self._scheduler: _Scheduler | None = None
         self._lock = threading.Lock()
+        # Children of other processes' arrays known to have ended, by job: their
+        # result objects are read once, not at every poll.
+        self._foreign_ended: dict[str, dict[int, JobInfo]] = {}
 
     @property
     def scheduler(self) -> _Scheduler:
@@ -637,6 +707,8 @@ class LocalProvider(Provider):
                 JobInfo(status=S.parse(c[0]), exit_code=c[1], status_reason=c[2], provider_job_id=f"{ref}:{i}", attempts=c[3])
                 for i, c in enumerate(children)
             ]
+        if state is not None and not _pid_alive(state.get("owner")):
+            return list(self._orphaned_children(ref, state, size))
         return [self._foreign_from_result(ref, i) for i in range(size)]
 
     def describe_child(self, ref: str, size: int, index: int) -> JobInfo | None:
@@ -711,7 +783,42 @@ class LocalProvider(Provider):
             return JobInfo(status=S.FAILED, status_reason=LOST_REASON, provider_job_id=ref)
         if status.terminal or _pid_alive(state.get("owner")):
             return JobInfo(status=status, provider_job_id=ref)
-        return JobInfo(status=S.FAILED, status_reason=LOST_REASON, provider_job_id=ref)
+        children = self._orphaned_children(ref, state, int(state.get("size") or 0))
+        counts = {s.value: 0 for s in S}
+        for child in children:
+            counts[str(child.status)] += 1
+        failed = counts[S.FAILED.value]
+        if counts[S.RUNNING.value]:
+            return JobInfo(status=S.RUNNING, provider_job_id=ref, status_counts=counts)
+        if failed:
+            lost = sum(1 for c in children if c.status_reason == LOST_REASON)
+            reason = f"{failed} of {len(children)} array children failed"
+            if lost:
+                reason += f" ({lost} never ran: {LOST_REASON})"
+            return JobInfo(status=S.FAILED, status_reason=reason, provider_job_id=ref, status_counts=counts)
+        return JobInfo(status=S.SUCCEEDED, provider_job_id=ref, status_counts=counts)
+
+    def _orphaned_children(self, ref: str, state: dict[str, Any], size: int) -> list[JobInfo]:
+        """The children of an array whose scheduling process died, from what it left behind.
+
+        A child with a result ended as the result says. The others still run
+        while any of the array's warm workers lives (a worker finishes the
+        children already piped to it, then sees EOF); once none does, they
+        never will, and are reported lost.
+        """
+        ended = self._foreign_ended.setdefault(ref, {})
+        workers_alive = any(_identity_alive(w) for w in state.get("workers") or [])
+        out: list[JobInfo] = []
+        for i in range(size):
+            info = ended.get(i) or self._foreign_from_result(ref, i)
+            if info is not None:
+                ended[i] = info
+            elif workers_alive:
+                info = JobInfo(status=S.RUNNING, provider_job_id=f"{ref}:{i}")
+            else:
+                info = JobInfo(status=S.FAILED, status_reason=LOST_REASON, provider_job_id=f"{ref}:{i}")
+            out.append(info)
+        return out
 
     def close(self) -> None:
         if self._scheduler is not None:
@@ -727,14 +834,15 @@ class LocalBatchExecutor(BatchExecutor):
         [1, 2]
 
     When the client process dies: the local "compute environment" is this
-    process, so jobs it had started run on (each in its own session) and write
-    their results under ``io_root``; a new process with the same ``io_root``
-    attaches by job id and gets a single job's result. Jobs and array children
-    it had not started yet never run; attaching reports them as ended without a
-    result. Known limit: an array whose client died is reported lost at once,
-    even while its started children still run (its state keeps no child pids);
-    their results stay under ``io_root``. Give a persistent ``io_root`` (the
-    default temporary folder goes with the process).
+    process, so it decides what a client's death means. Jobs it had started
+    run on (each in its own session) and write their results under
+    ``io_root``; an array's warm workers go on to run every child nobody had
+    started yet (not those a cancel withdrew); single jobs it had not started
+    never run, and attaching reports them as ended without a result. A new
+    process with the same ``io_root`` attaches by job id and sees the array
+    running, then gets every result. Give a persistent ``io_root`` (the
+    default temporary folder goes with the process; an orderly exit ends the
+    job processes first, so none writes into a folder that is gone).
 
     Args:
         io_root: storage folder for calls and results: a local path or
@@ -772,8 +880,9 @@ class LocalBatchExecutor(BatchExecutor):
             max_vcpus = max_workers if isinstance(max_workers, int) and not isinstance(max_workers, bool) else cpus
         if isinstance(max_vcpus, bool) or not isinstance(max_vcpus, int) or max_vcpus <= 0:
             raise ValueError(f"max_vcpus must be a positive int; got {max_vcpus!r}")
+        temporary = io_root is None
         if io_root is None:
-            io_root = make_temp_root()
+            io_root = make_temp_root(remove_at_exit=False)
         if not isinstance(io_root, str):
             io_root = os.fspath(io_root)
         if io_root.startswith("memory://"):
@@ -790,6 +899,10 @@ class LocalBatchExecutor(BatchExecutor):
         if storage_options:
             env["CLOUDEXEC_STORAGE_OPTIONS"] = json.dumps(storage_options)
         provider = LocalProvider(state_dir=state_dir, max_vcpus=max_vcpus, env=env)
+        if temporary:
+            # Nothing can attach to a job in a folder removed at exit, so its
+            # processes end first: none goes on writing into a deleted folder.
+            atexit.register(_end_jobs_and_remove, weakref.ref(provider), local_path(io_root))
         super().__init__(
             provider,
             io_root,

@@ -32,7 +32,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Literal, Protocol
+from typing import Literal
 
 __all__ = [
     "EmulatorHooks",
@@ -161,8 +161,8 @@ class IssuedCredentials:
     expires_at: float
 
 
-class EmulatorHooks(Protocol):
-    """The test-hook interface both emulators implement (documented here once).
+class EmulatorHooks:
+    """The test hooks every emulator offers, written once; an emulator subclasses it.
 
     Counting:
         ``api_calls`` is a snapshot ``Counter`` of Batch API requests per operation
@@ -172,7 +172,8 @@ class EmulatorHooks(Protocol):
     Faults:
         ``inject_faults(count=n, rate=r, kind=..., target=...)`` makes the next ``n``
         requests to ``target`` fail, and/or a share ``r`` of all later ones (until
-        set to 0). ``inject_throttling(n)`` is ``inject_faults(count=n,
+        set to 0), with the service's own answers (each emulator's docstring lists
+        them). ``inject_throttling(n)`` is ``inject_faults(count=n,
         kind="throttle")``. ``faults_injected`` counts what was applied, per
         ``"<target>:<kind>"``.
 
@@ -185,28 +186,75 @@ class EmulatorHooks(Protocol):
     Metadata:
         ``expire_job(job_id)`` forgets a job as the service does after its
         retention period; returns whether it existed.
+
+    A subclass sets ``_hooks`` (the :class:`Hooks` its wire layers consult) and
+    implements ``api_calls``, ``issue_credentials`` and ``expire_job``.
     """
 
-    @property
-    def api_calls(self) -> collections.Counter[str]: ...
+    _hooks: Hooks
 
-    def reset_api_calls(self) -> None: ...
+    @property
+    def api_calls(self) -> collections.Counter[str]:
+        """A snapshot of Batch API requests received, per operation."""
+        return self._hooks.snapshot_calls()
+
+    def reset_api_calls(self) -> None:
+        """Sets every count in :attr:`api_calls` back to zero."""
+        self._hooks.reset_calls()
 
     def inject_faults(
         self, *, count: int = 0, rate: float | None = None, kind: FaultKind = "throttle", target: Target = "batch"
-    ) -> None: ...
+    ) -> None:
+        """Makes the next ``count`` requests to ``target`` fail, and/or a share ``rate`` of later ones.
 
-    def inject_throttling(self, n: int) -> None: ...
+        ``kind="throttle"`` answers with the service's throttling error,
+        ``"error"`` with its internal error, ``"reset"`` drops the connection with
+        no answer (see the emulator's docstring for the codes).
+
+        Args:
+            count: Requests to fail (added to any still pending).
+            rate: Share of requests to fail from now on, in [0, 1); None keeps the
+                current rate.
+            kind: ``"throttle"``, ``"error"`` or ``"reset"``.
+            target: ``"batch"`` or ``"storage"``.
+
+        Raises:
+            ValueError: An argument out of range.
+            RuntimeError: The emulator cannot fault ``target`` as it was started.
+        """
+        self._check_fault_target(target)
+        self._hooks.inject(count=count, rate=rate, kind=kind, target=target)
+
+    def _check_fault_target(self, target: Target) -> None:
+        """Raise RuntimeError if faults on ``target`` cannot be applied (default: all can)."""
+
+    def inject_throttling(self, n: int) -> None:
+        """Makes the next ``n`` Batch API requests fail with the service's throttling error.
+
+        Raises:
+            ValueError: If ``n`` is negative.
+        """
+        if n < 0:
+            raise ValueError(f"inject_throttling(n): n must be >= 0, got {n}")
+        self._hooks.inject(count=n, kind="throttle", target="batch")
 
     @property
-    def faults_injected(self) -> collections.Counter[str]: ...
+    def faults_injected(self) -> collections.Counter[str]:
+        """Faults applied so far, per ``"<target>:<kind>"`` (and ``"credentials:expired"``)."""
+        return self._hooks.snapshot_faults()
 
-    def issue_credentials(self) -> IssuedCredentials: ...
+    def issue_credentials(self) -> IssuedCredentials:
+        """New temporary credentials valid for the profile's ``credential_lifetime_s``."""
+        return self._hooks.issue_credentials()
 
     @property
-    def credentials_issued(self) -> int: ...
+    def credentials_issued(self) -> int:
+        """How many temporary credentials :meth:`issue_credentials` handed out."""
+        return self._hooks.credentials_issued
 
-    def expire_job(self, job_id: str) -> bool: ...
+    def expire_job(self, job_id: str) -> bool:
+        """Forget a job as the service does after its retention period; True if it existed."""
+        raise NotImplementedError
 
 
 class Hooks:

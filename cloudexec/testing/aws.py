@@ -83,7 +83,7 @@ import boto3
 from cloudexec.testing._aws_batch_api import BatchApi, Gateway, MotoServer, check_moto_version
 from cloudexec.testing._aws_batch_model import LOG_GROUP
 from cloudexec.testing._aws_batch_scheduler import JobScheduler
-from cloudexec.testing._hooks import FaultKind, Hooks, IssuedCredentials, RealisticProfile, Target, resolve_profile
+from cloudexec.testing._hooks import EmulatorHooks, Hooks, IssuedCredentials, RealisticProfile, resolve_profile
 from cloudexec import _process
 
 check_moto_version()
@@ -96,7 +96,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AWSBatchEmulator", "RealisticProfile", "aws_batch_emulator"]
 
-class AWSBatchEmulator:
+class AWSBatchEmulator(EmulatorHooks):
     """A running AWS Batch emulator; obtained from :func:`aws_batch_emulator`.
 
     Attributes:
@@ -124,7 +124,10 @@ class AWSBatchEmulator:
 
     The test hooks (``api_calls``, ``inject_faults``, ``issue_credentials``,
     ``expire_job``...) are the ones every emulator offers; see
-    ``cloudexec.testing._hooks.EmulatorHooks``.
+    ``cloudexec.testing._hooks.EmulatorHooks``. Its faults: Batch throttling is
+    HTTP 429 ``TooManyRequestsException`` (also what ``inject_throttling``
+    sends), an error 500 ``ServerException``; S3 throttling 503 ``SlowDown``,
+    an error 500 ``InternalError``.
     """
 
     def __init__(
@@ -315,61 +318,12 @@ class AWSBatchEmulator:
         return self._hooks.issue_credentials()
 
     @property
-    def credentials_issued(self) -> int:
-        """How many temporary credentials :meth:`issue_credentials` handed out."""
-        return self._hooks.credentials_issued
-
-    @property
     def api_calls(self) -> collections.Counter[str]:
         """A snapshot of Batch API calls received, per action (e.g. ``"DescribeJobs"``).
 
         Faulted calls are counted too: they reached the service.
         """
         return self._hooks.snapshot_calls()
-
-    def reset_api_calls(self) -> None:
-        """Sets every count in :attr:`api_calls` back to zero."""
-        self._hooks.reset_calls()
-
-    def inject_faults(
-        self, *, count: int = 0, rate: float | None = None, kind: FaultKind = "throttle", target: Target = "batch"
-    ) -> None:
-        """Makes the next ``count`` requests to ``target`` fail, and/or a share ``rate`` of later ones.
-
-        ``target="batch"``: throttling is HTTP 429 ``TooManyRequestsException`` (AWS
-        Batch's rate limit), an error is 500 ``ServerException``. ``target="storage"``
-        (S3): 503 ``SlowDown`` or 500 ``InternalError``. ``kind="reset"`` drops the
-        connection with no answer.
-
-        Args:
-            count: Requests to fail (added to any still pending).
-            rate: Share of requests to fail from now on, in [0, 1); None keeps the
-                current rate.
-            kind: ``"throttle"``, ``"error"`` or ``"reset"``.
-            target: ``"batch"`` or ``"storage"``.
-
-        Raises:
-            ValueError: An argument out of range.
-        """
-        self._hooks.inject(count=count, rate=rate, kind=kind, target=target)
-
-    def inject_throttling(self, n: int) -> None:
-        """Makes the next ``n`` Batch API requests fail with HTTP 429 ``TooManyRequestsException``.
-
-        Args:
-            n: Number of requests to reject (added to any still pending).
-
-        Raises:
-            ValueError: If ``n`` is negative.
-        """
-        if n < 0:
-            raise ValueError(f"inject_throttling(n): n must be >= 0, got {n}")
-        self._hooks.inject(count=n, kind="throttle", target="batch")
-
-    @property
-    def faults_injected(self) -> collections.Counter[str]:
-        """Faults applied so far, per ``"<target>:<kind>"`` (and ``"credentials:expired"``)."""
-        return self._hooks.snapshot_faults()
 
     def expire_job(self, job_id: str) -> bool:
         """Deletes a job's metadata, as AWS does about 24 h after a job ends.

@@ -63,7 +63,7 @@ from cloudexec.testing._azure_batch_service import AzureBatchService
 from cloudexec.testing._fault_proxy import FaultProxy
 from cloudexec.testing._hooks import (
     QUIET,
-    FaultKind,
+    EmulatorHooks,
     Hooks,
     IssuedCredentials,
     RealisticProfile,
@@ -102,7 +102,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CONTAINER_RE = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9]))*$")
 
 
-class AzureBatchEmulator:
+class AzureBatchEmulator(EmulatorHooks):
     """A running Azurite plus local Batch service; see :func:`azure_batch_emulator`.
 
     Prefer the context manager; this class can also be driven with
@@ -129,6 +129,10 @@ class AzureBatchEmulator:
 
     The test hooks (``api_calls``, ``inject_faults``, ``expire_job``...) are the
     ones every emulator offers; see ``cloudexec.testing._hooks.EmulatorHooks``.
+    Its faults: Batch throttling is 503 ``ServerBusy``, an error 500
+    ``InternalError``; blob faults (``target="storage"``, only with
+    ``realistic=``, through the proxy in front of Azurite) use Azure Storage's
+    same codes; ``inject_throttling`` answers 503 ``ServerBusy``.
     """
 
     def __init__(
@@ -287,49 +291,12 @@ class AzureBatchEmulator:
         self._running_service()
         return self._hooks.snapshot_calls()
 
-    def reset_api_calls(self) -> None:
-        """Sets every count in :attr:`api_calls` back to zero."""
-        self._hooks.reset_calls()
-
-    def inject_faults(
-        self, *, count: int = 0, rate: float | None = None, kind: FaultKind = "throttle", target: Target = "batch"
-    ) -> None:
-        """Makes the next ``count`` requests to ``target`` fail, and/or a share ``rate`` of later ones.
-
-        ``target="batch"``: throttling is 503 ``ServerBusy``, an error 500
-        ``InternalError``. ``target="storage"`` (blobs, through the proxy in front of
-        Azurite; needs ``realistic=``): the same codes as Azure Storage sends.
-        ``kind="reset"`` drops the connection with no answer.
-
-        Args:
-            count: Requests to fail (added to any still pending).
-            rate: Share of requests to fail from now on, in [0, 1); None keeps the rate.
-            kind: ``"throttle"``, ``"error"`` or ``"reset"``.
-            target: ``"batch"`` or ``"storage"``.
-
-        Raises:
-            ValueError: An argument out of range.
-            RuntimeError: Storage faults on an emulator started without ``realistic=``.
-        """
+    def _check_fault_target(self, target: Target) -> None:
         if target == "storage" and self.profile is QUIET:
             raise RuntimeError(
                 "storage faults need the blob proxy: start the emulator with realistic=True "
                 "or realistic=RealisticProfile(storage_fault_rate=0, ...)"
             )
-        self._hooks.inject(count=count, rate=rate, kind=kind, target=target)
-
-    def inject_throttling(self, n: int) -> None:
-        """Makes the next ``n`` Batch requests fail with 503 ``ServerBusy``.
-
-        Raises:
-            ValueError: If ``n`` is negative.
-        """
-        self._hooks.inject(count=n, kind="throttle", target="batch")
-
-    @property
-    def faults_injected(self) -> Counter[str]:
-        """Faults applied so far, per ``"<target>:<kind>"``."""
-        return self._hooks.snapshot_faults()
 
     def issue_credentials(self) -> IssuedCredentials:
         """Not offered yet by the Azure emulator: its Batch account uses shared keys.

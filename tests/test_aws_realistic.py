@@ -126,3 +126,30 @@ class TestAWSContractRealistic(RealisticContract):
 
         yield from executor_factory(build, shutdown_limit_s=30)
         print(f"\nAWS realistic contract: faults so far {dict(realistic_emu.faults_injected)}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["lost", "error", "reset"])
+def test_submit_whose_answer_is_lost_or_failed_starts_exactly_one_job(kind: str) -> None:
+    """SubmitJob has no idempotency token: after a lost answer the job is looked up, not resent blindly."""
+    quiet = RealisticProfile(status_lag_s=0, visibility_lag_s=0.2, batch_fault_rate=0, storage_fault_rate=0)
+    with aws_batch_emulator(timeout_scale=0.02, max_vcpus=2, realistic=quiet) as emu:
+        with emu.executor(poll_interval_s=FAST_POLL) as ex:
+            emu.reset_api_calls()
+            emu.inject_faults(count=1, kind=kind, target="batch")  # the next Batch call: SubmitJob
+            single = ex.with_settings(job_name="once-single").submit(jobs.double, 21)
+            assert single.result(timeout=60) == 42
+            emu.inject_faults(count=1, kind=kind, target="batch")
+            array = ex.with_settings(job_name="once-array").submit_map(jobs.double, range(3))
+            assert array.result(timeout=60) == [0, 2, 4]
+            batch = emu.client("batch")
+            for name in ("once-single", "once-array"):
+                found = batch.list_jobs(jobQueue=emu.job_queue, filters=[{"name": "JOB_NAME", "values": [name]}])
+                assert len(found["jobSummaryList"]) == 1, (kind, name, found["jobSummaryList"])
+        calls = emu.api_calls
+    print(f"\n{kind}: SubmitJob calls {calls['SubmitJob']}, ListJobs lookups {calls['ListJobs']}")
+    assert emu.faults_injected[f"batch:{kind}"] == 2
+    if kind == "lost":  # the job was created: found by the lookup, never resent
+        assert calls["SubmitJob"] == 2 and calls["ListJobs"] >= 2
+    elif kind == "reset":  # nothing was created: looked up, not found, sent again
+        assert calls["SubmitJob"] == 4 and calls["ListJobs"] >= 2

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from cloudexec._base import ArrayFuture, BatchExecutor, BatchFuture
+from cloudexec._log import log
 from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
 from cloudexec.errors import CloudExecError, SubmissionError
 from cloudexec.settings import COMMON_SETTINGS, JobSettings, int_in, non_empty_str
@@ -84,6 +87,46 @@ def _client_error_code(exc: BaseException) -> str | None:
         code = response.get("Error", {}).get("Code")
         return str(code) if code else None
     return None
+
+
+# Codes AWS answers when it refused a request for its rate (nothing was done).
+_THROTTLING_CODES = frozenset(
+    {"TooManyRequestsException", "ThrottlingException", "Throttling", "RequestLimitExceeded", "SlowDown"}
+)
+_SUBMIT_BACKOFF_S = 0.25
+# Looks taken for a job whose SubmitJob answer was lost: ListJobs may miss it for a moment.
+_LOOKUP_PAUSES_S = (0.5, 1.0, 2.0)
+_CLOCK_SKEW_S = 300.0
+
+
+def _submit_failure(exc: BaseException) -> str:
+    """How a failed SubmitJob ended: ``"retry"`` (surely not done), ``"ambiguous"`` or ``"final"``."""
+    from botocore import exceptions as bex
+
+    if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError)):
+        return "retry"  # never reached the service
+    if isinstance(exc, bex.ClientError):
+        if _client_error_code(exc) in _THROTTLING_CODES:
+            return "retry"
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return "ambiguous" if status >= 500 else "final"
+    if isinstance(exc, (bex.HTTPClientError, bex.ReadTimeoutError, bex.ResponseStreamingError)):
+        return "ambiguous"  # sent, and the answer did not arrive
+    return "final"
+
+
+def _refused(spec: JobSpec, exc: BaseException) -> SubmissionError:
+    """The SubmissionError for a SubmitJob that failed for good."""
+    code = _client_error_code(exc)
+    message = str(exc)
+    hint = "check the job queue, job definition and settings"
+    if "memory" in message.lower():
+        hint = "ask for memory the job definition and compute environment allow"
+    return SubmissionError(
+        f"AWS Batch refused job {spec.job_id} ({code or type(exc).__name__}): {message}; {hint}",
+        job_id=spec.job_id,
+        code=code,
+    )
 
 
 def _parse_ref(ref: str) -> list[tuple[str, int | None]]:
@@ -210,12 +253,19 @@ class AWSBatchProvider(Provider):
         job_queue: str,
         job_definition: str,
         max_array_size: int = MAX_ARRAY_SIZE,
+        submitter: Any = None,
+        submit_attempts: int = 10,
     ) -> None:
         self.batch = batch
         self.logs = logs
         self.job_queue = job_queue
         self.job_definition = job_definition
         self.max_array_size = max_array_size
+        # SubmitJob has no idempotency token: an SDK that resends it after a lost
+        # answer may start the job twice. `submitter` is a client that does not
+        # retry, so _submit_one decides, looking the job up first when unsure.
+        self.submitter = submitter if submitter is not None else batch
+        self.submit_attempts = submit_attempts
 
     # -- settings ------------------------------------------------------------
     def validate_settings(self, settings: JobSettings) -> None:
@@ -311,20 +361,59 @@ class AWSBatchProvider(Provider):
         return request
 
     def _submit_one(self, spec: JobSpec, request: dict[str, Any]) -> str:
-        try:
-            response = self.batch.submit_job(**request)
-        except Exception as exc:
-            code = _client_error_code(exc)
-            message = str(exc)
-            hint = "check the job queue, job definition and settings"
-            if "memory" in message.lower():
-                hint = "ask for memory the job definition and compute environment allow"
-            raise SubmissionError(
-                f"AWS Batch refused job {spec.job_id} ({code or type(exc).__name__}): {message}; {hint}",
-                job_id=spec.job_id,
-                code=code,
-            ) from exc
-        return str(response["jobId"])
+        """SubmitJob, resent only when it surely did not take effect or was looked up and not found."""
+        started = time.time()
+        for attempt in range(1, self.submit_attempts + 1):
+            try:
+                return str(self.submitter.submit_job(**request)["jobId"])
+            except Exception as exc:
+                outcome = _submit_failure(exc)
+                if outcome == "ambiguous":
+                    found = self._find_submitted(request, spec.job_id, started)
+                    if found is not None:
+                        log.info("cloudexec: job %s was created although SubmitJob's answer was lost", spec.job_id)
+                        return found
+                if outcome == "final" or attempt == self.submit_attempts:
+                    raise _refused(spec, exc) from exc
+                time.sleep(random.uniform(0, min(_SUBMIT_BACKOFF_S * 2**attempt, 20.0)))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _find_submitted(self, request: dict[str, Any], job_id: str, since: float) -> str | None:
+        """The AWS job an unanswered SubmitJob of cloudexec job ``job_id`` created, if any.
+
+        ListJobs by name, then DescribeJobs of the recent ones, matching the
+        job's own id in its environment and its command (parts of a split
+        array differ there). A job just created may be missing from ListJobs
+        for a moment, so a few looks are taken before concluding it was not.
+        """
+        env_name = "CLOUDEXEC_JOB_ID"
+        command = request["containerOverrides"]["command"]
+        for pause in _LOOKUP_PAUSES_S:
+            time.sleep(pause)
+            try:
+                candidates: list[str] = []
+                kwargs: dict[str, Any] = {
+                    "jobQueue": request["jobQueue"],
+                    "filters": [{"name": "JOB_NAME", "values": [request["jobName"]]}],
+                }
+                while True:
+                    page = self.batch.list_jobs(**kwargs)
+                    candidates += [
+                        j["jobId"]
+                        for j in page.get("jobSummaryList", [])
+                        if j.get("createdAt", 0) >= (since - _CLOCK_SKEW_S) * 1000
+                    ]
+                    if not page.get("nextToken"):
+                        break
+                    kwargs["nextToken"] = page["nextToken"]
+                for job in self._describe_ids(candidates).values():
+                    container = job.get("container") or {}
+                    env = {e.get("name"): e.get("value") for e in container.get("environment") or []}
+                    if env.get(env_name) == job_id and list(container.get("command") or []) == list(command):
+                        return str(job["jobId"])
+            except Exception as exc:  # noqa: BLE001 - a failed look is no answer
+                log.warning("cloudexec: could not look up job %s after SubmitJob's answer was lost: %s", job_id, exc)
+        return None
 
     def submit(self, spec: JobSpec) -> str:
         env = {"CLOUDEXEC_JOB_ID": spec.job_id, **spec.environment}
@@ -561,12 +650,21 @@ class AWSBatchExecutor(BatchExecutor):
         except ImportError as exc:
             raise ImportError("AWSBatchExecutor needs boto3 and s3fs: pip install 'cloudexec[aws]'") from exc
         session = session or boto3.Session()
-        retries: Any = {"mode": retry_mode, "max_attempts": max_api_attempts}
+        retries: Any = {"mode": retry_mode, "total_max_attempts": max_api_attempts}
         config = Config(retries=retries)
         batch = session.client("batch", endpoint_url=endpoint_url, config=config)
         logs = session.client("logs", endpoint_url=endpoint_url, config=config)
+        submitter = session.client(
+            "batch", endpoint_url=endpoint_url, config=Config(retries={"mode": retry_mode, "total_max_attempts": 1})
+        )
         provider = AWSBatchProvider(
-            batch, logs, job_queue=job_queue, job_definition=job_definition, max_array_size=max_array_size
+            batch,
+            logs,
+            job_queue=job_queue,
+            job_definition=job_definition,
+            max_array_size=max_array_size,
+            submitter=submitter,
+            submit_attempts=max_api_attempts,
         )
         provider.check_environment()
         super().__init__(

@@ -162,14 +162,17 @@ class Gateway:
             fault = self._hooks.draw_fault("storage")
         if self._hooks.credentials_expired(key):
             return _respond(start_response, _expired_answer(service))
-        if fault is not None:
+        if fault is not None and fault.kind != "lost":
             if fault.kind == "reset":
                 return _reset_connection(environ)
             return _respond(start_response, _fault_answer(service, fault))
         if service == "batch":
             answer = self._api.handle(method, environ.get("PATH_INFO", ""), body, region)
             if answer is not None:
-                return _respond(start_response, answer)
+                return _reset_connection(environ) if fault is not None else _respond(start_response, answer)
+        if fault is not None:  # served by moto, answer lost
+            self._call_moto(environ, lambda *args: (lambda data: None))
+            return _reset_connection(environ)
         return self._call_moto(environ, start_response)
 
     def _call_moto(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

@@ -409,7 +409,7 @@ class AzureBatchService:
         name, func, args = self._route(method, segments)
         self.hooks.count(name)
         fault = self.hooks.draw_fault("batch")
-        if fault is not None:
+        if fault is not None and fault.kind != "lost":
             if fault.kind == "reset":
                 raise ResetConnection()
             if fault.kind == "throttle":
@@ -434,7 +434,10 @@ class AzureBatchService:
             )
         request = _Request(method, segments, query, headers, body)
         with self.store.lock:
-            return func(request, *args)
+            response = func(request, *args)
+        if fault is not None:  # "lost": served, but the answer never reaches the client
+            raise ResetConnection()
+        return response
 
     def _route(self, method: str, segments: list[str]) -> tuple[str, Callable[..., _Response], list[str]]:
         path_known = False

@@ -50,7 +50,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         fault = self.server.hooks.draw_fault("storage")
-        if fault is not None and fault.kind == "reset":
+        if fault is not None and fault.kind in ("reset", "lost"):
+            if fault.kind == "lost":
+                self._exchange(body, length)  # the store acts on it; the answer is lost
             reset_socket(self.connection)
             self.close_connection = True
             return
@@ -68,23 +70,27 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(data)
             return
+        answer, data = self._exchange(body, length)
+        self.send_response(answer.status, answer.reason)
+        for name, value in answer.getheaders():
+            if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                self.send_header(name, value)
+        if self.command == "HEAD":
+            self.send_header("Content-Length", answer.getheader("Content-Length") or "0")
+        else:
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _exchange(self, body: bytes, length: int) -> tuple[http.client.HTTPResponse, bytes]:
+        """Send this request to the store; its answer and body, read whole."""
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
         try:
             upstream.request(self.command, self.path, body=body if body or length else None, headers=headers)
             answer = upstream.getresponse()
-            data = answer.read()
-            self.send_response(answer.status, answer.reason)
-            for name, value in answer.getheaders():
-                if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
-                    self.send_header(name, value)
-            if self.command == "HEAD":
-                self.send_header("Content-Length", answer.getheader("Content-Length") or "0")
-            else:
-                self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            return answer, answer.read()
         finally:
             upstream.close()
 

@@ -50,11 +50,17 @@ __all__ = [
 Target = Literal["batch", "storage"]
 """Which side of an emulator a fault hits: the Batch API or blob/object storage."""
 
-FaultKind = Literal["throttle", "error", "reset"]
+FaultKind = Literal["throttle", "error", "reset", "lost"]
 """``throttle``: the service's own 429/503 throttling code; ``error``: a 500/503
-internal error; ``reset``: the TCP connection is dropped without an answer."""
+internal error; ``reset``: the TCP connection is dropped without an answer, before
+the request is served; ``lost``: the request is served, then the connection is
+dropped without its answer (the client cannot tell whether it took effect)."""
 
-_KINDS: tuple[FaultKind, ...] = ("throttle", "error", "reset")
+_KINDS: tuple[FaultKind, ...] = ("throttle", "error", "reset", "lost")
+# What a profile draws from unless told otherwise: a lost answer makes a client
+# resend a request that already took effect, which only callers that expect it
+# (idempotent resends, a submission looked up by name) handle; ask for it by name.
+_DEFAULT_KINDS: tuple[FaultKind, ...] = ("throttle", "error", "reset")
 _TARGETS: tuple[Target, ...] = ("batch", "storage")
 
 
@@ -79,7 +85,7 @@ class RealisticProfile:
     visibility_lag_s: float = 0.3
     batch_fault_rate: float = 0.1
     storage_fault_rate: float = 0.1
-    fault_kinds: tuple[FaultKind, ...] = _KINDS
+    fault_kinds: tuple[FaultKind, ...] = _DEFAULT_KINDS
     credential_lifetime_s: float | None = None
     seed: int | None = None
 

@@ -35,7 +35,7 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from cloudexec._log import log
-from cloudexec import _keys, _payload, _progress
+from cloudexec import _depends, _keys, _payload, _progress
 from cloudexec._provider import JobInfo, JobStatus, Provider
 from cloudexec._storage import Store, open_store
 from cloudexec._version import __version__
@@ -109,6 +109,10 @@ class _JobRecord:
         # Result objects that failed verification, by child index (None: a
         # single job): when first seen so, and their size then.
         self.unverified: dict[int | None, tuple[float, int]] = {}
+        # Futures passed as arguments (see cloudexec._depends): what the job
+        # waits for until it is submitted, then only their ids, for messages.
+        self.depends: list[tuple[str, BatchFuture[Any] | None]] = []
+        self.upstream_ids: list[tuple[str, weakref.ref[BatchFuture[Any]]]] = []
 
     @property
     def is_array(self) -> bool:
@@ -686,15 +690,30 @@ class BatchExecutor(Executor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> BatchFuture[T]:
         """Submit ``fn(*args, **kwargs)`` as one batch job; return its future.
 
+        A future of this executor among the arguments (also inside lists,
+        tuples, dicts and sets) stands for its result: a finished one is
+        replaced by its value; for an unfinished one the job is handed to the
+        provider with a dependency, the service holds it until that job
+        succeeded, and the job receives the result in its place (an
+        `ArrayFuture` gives the list of its results). ``submit`` does not
+        wait for it. If it fails or is cancelled, this job fails without
+        running, its error naming the upstream job.
+
         Raises:
             RuntimeError: the executor was shut down.
-            TypeError: ``fn`` is not callable.
+            TypeError: ``fn`` is not callable, or the provider cannot hold a
+                job for another and a future is among the arguments.
+            ValueError: a future of another executor, or more upstream jobs
+                than the provider allows per job.
             PayloadError: the call cannot be pickled (nothing was submitted).
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {fn!r} ({type(fn).__name__})")
         name = self._settings.job_name or _default_name(fn)
         job_id = new_job_id(name)
+        found: dict[int, BatchFuture[Any]] = {}
+        args = _depends.swap_futures(self._core, args, found)
+        kwargs = _depends.swap_futures(self._core, kwargs, found)
         call = _keys.seal(
             self._core.keys.job_key(job_id), "call", job_id, None, _payload.pack("call", (fn, args, kwargs), ship=True)
         )
@@ -707,33 +726,49 @@ class BatchExecutor(Executor):
             call=call,
             function=_function_path(fn),
         )
+        _depends.plan_single(self._core, record, found)
         future: BatchFuture[T] = self.future_class(self._core, record)
         record.future = future
         self._enqueue(record)
         return future
 
     def submit_map(
-        self, fn: Callable[..., T], *iterables: Iterable[Any], chunksize: int = 1, progress: bool = False
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        chunksize: int = 1,
+        progress: bool = False,
+        sequential: bool = False,
     ) -> ArrayFuture[T]:
         """Submit ``fn`` over the zipped iterables as ONE array job.
 
+        Items may be (or contain) futures of this executor, as `submit`'s
+        arguments may. An `ArrayFuture` of the same size given as an iterable
+        stands for its children: child i of this array waits only for child
+        i of that one, and gets its result.
+
         Args:
             fn: the function, called as ``fn(*items)``.
-            *iterables: argument iterables, consumed now (like ``map``).
+            *iterables: argument iterables, consumed now (like ``map``), or
+                `ArrayFuture` objects (submitted with ``chunksize=1``).
             chunksize: items per array child.
             progress: show a tqdm bar of the array's children (queued,
                 running, succeeded, failed) until it ends; needs ``tqdm``.
+            sequential: run the children one after another, in index order,
+                each only once the previous one succeeded (the service
+                enforces it; a failed child fails the ones after it).
 
         Returns:
             An `ArrayFuture` whose result is the list of results, in order.
 
         Raises:
             RuntimeError: the executor was shut down.
-            TypeError/ValueError: bad ``fn`` or ``chunksize``.
+            TypeError/ValueError: bad ``fn`` or ``chunksize``; futures the
+                provider cannot wait for (see `submit`).
             PayloadError: the function or an argument cannot be pickled.
             ImportError: ``progress=True`` without tqdm installed (nothing was submitted).
         """
-        return self._submit_array(fn, iterables, chunksize, streaming=False, progress=progress)
+        return self._submit_array(fn, iterables, chunksize, streaming=False, progress=progress, sequential=sequential)
 
     def _submit_array(
         self,
@@ -743,6 +778,7 @@ class BatchExecutor(Executor):
         *,
         streaming: bool,
         progress: bool = False,
+        sequential: bool = False,
     ) -> ArrayFuture[T]:
         tqdm_class = _progress.load_tqdm() if progress else None
         if not callable(fn):
@@ -751,8 +787,10 @@ class BatchExecutor(Executor):
             raise TypeError(f"chunksize must be an int; got {chunksize!r}")
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
-        items = list(zip(*iterables))
+        items = list(zip(*_depends.expand_arrays(iterables)))
         chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+        per_child: list[dict[int, BatchFuture[Any]]] = [{} for _ in chunks]
+        chunks = [_depends.swap_futures(self._core, c, found) for c, found in zip(chunks, per_child)]
         pickled = [_payload.dumps_chunk(c) for c in chunks]
         name = self._settings.job_name or _default_name(fn)
         job_id = new_job_id(name)
@@ -778,6 +816,7 @@ class BatchExecutor(Executor):
             inputs=inputs,
             function=_function_path(fn),
         )
+        _depends.plan_array(self._core, record, per_child, sequential)
         future: ArrayFuture[T] = self.array_future_class(self._core, record)
         record.future = future
         record.streaming = streaming
@@ -1066,6 +1105,8 @@ def job_failed(record: _JobRecord, index: int | None, info: JobInfo | None, prov
             exit_code=None,
         )
     hint = provider.failure_hint(info)
+    if info.exit_code is None and record.upstream_ids:
+        hint = _depends.upstream_hint(record)
     if info.exit_code == EXIT_INTEGRITY:
         hint = (
             f"The runner refused the job's stored call or input: it failed signature verification "

@@ -17,6 +17,10 @@ Layout of one job, below the executor's storage root (``io_url``)::
         result.pkl        single job: envelope of a list with one outcome
         results/<i>.pkl   array child i: envelope of its chunk's outcomes
 
+A future passed as an argument travels as an `Upstream` placeholder (the
+upstream job's id, and which of its results); the runner puts the upstream's
+stored result in its place (`replace_in`) before the call runs.
+
 Every envelope is ``MAGIC | format byte | header length | JSON header | body``.
 The JSON header records the Python, dill and cloudexec versions and what
 the body is, so a runner can refuse a call pickled by another Python minor
@@ -57,6 +61,8 @@ __all__ = [
     "RESULT",
     "RESULTS_DIR",
     "check_job_id",
+    "Upstream",
+    "replace_in",
 ]
 
 MANIFEST = "job.json"
@@ -252,6 +258,78 @@ def load_result(job_id: str, body: bytes) -> list[Outcome]:
     if header.get("kind") != "result" or not isinstance(outcomes, list):
         raise PayloadError(f"the result of job {job_id} is not a list of outcomes (kind {header.get('kind')!r})")
     return outcomes
+
+
+# -- results of other jobs (futures passed as arguments) ------------------------
+
+
+class Upstream:
+    """Stands, in a stored call, for the result of another job of the same storage root.
+
+    Attributes:
+        job_id: the upstream job's cloudexec id.
+        index: the upstream array's child whose result is meant; ``None``
+            for a single job or a whole array.
+        size: a whole array's number of children (its result is the list of
+            every item's result); ``None`` otherwise.
+        chunked: the upstream array packs several items per child (a child's
+            result is then the list of its items' results).
+    """
+
+    __slots__ = ("job_id", "index", "size", "chunked")
+
+    def __init__(self, job_id: str, index: int | None = None, size: int | None = None, chunked: bool = False) -> None:
+        self.job_id = job_id
+        self.index = index
+        self.size = size
+        self.chunked = chunked
+
+    def __reduce__(self) -> Any:
+        return (Upstream, (self.job_id, self.index, self.size, self.chunked))
+
+    def __repr__(self) -> str:
+        which = "" if self.index is None else f"[{self.index}]"
+        return f"<result of job {self.job_id}{which}>"
+
+    def value(self, read_outcomes: Any) -> Any:
+        """The upstream's result, through ``read_outcomes(job_id, index) -> list of outcomes``.
+
+        Raises:
+            Exception: the upstream's own exception, if its stored outcome is one.
+        """
+        if self.size is not None:
+            return [outcome_value(o) for i in range(self.size) for o in read_outcomes(self.job_id, i)]
+        outcomes = read_outcomes(self.job_id, self.index)
+        if self.chunked:
+            return [outcome_value(o) for o in outcomes]
+        return outcome_value(outcomes[0])
+
+
+def replace_in(obj: Any, swap: Any) -> Any:
+    """``obj`` with ``swap(x)`` in place of each item ``x`` for which it returns something else than ``x``.
+
+    Looks inside lists, tuples (named ones too), dicts (keys stay) and sets;
+    a container is rebuilt only when something in it changed, so an argument
+    without futures reaches the job as it was.
+    """
+    new = swap(obj)
+    if new is not obj:
+        return new
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [replace_in(x, swap) for x in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            return type(obj)(*items)
+        return type(obj)(items)
+    if isinstance(obj, dict):
+        values = {k: replace_in(v, swap) for k, v in obj.items()}
+        if all(values[k] is v for k, v in obj.items()):
+            return obj
+        rebuilt = obj.copy()
+        rebuilt.update(values)
+        return rebuilt
+    return obj
 
 
 # -- array inputs ------------------------------------------------------------

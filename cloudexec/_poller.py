@@ -19,7 +19,7 @@ from concurrent.futures import BrokenExecutor, CancelledError
 from typing import TYPE_CHECKING, Any
 
 from cloudexec._log import log
-from cloudexec import _keys, _payload
+from cloudexec import _depends, _keys, _payload
 from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
 from cloudexec._provider import JobInfo, JobSpec, Phase
 from cloudexec._storage import Store
@@ -338,6 +338,9 @@ class Manager:
     def _submit(self, record: _JobRecord) -> None:
         provider = self.core.provider
         store = self.job_store(record)
+        depends_on = _depends.depends_on(record)
+        if isinstance(depends_on, BaseException):
+            raise depends_on  # an upstream job failed: this one never reaches the provider
         try:
             assert record.call is not None
             store.write(_payload.CALL, record.call)
@@ -356,7 +359,10 @@ class Manager:
                 command=provider.command_for(store.url, array=record.is_array),
                 # The job's own derived key, never the master key; it reaches the
                 # job only through the provider's environment channel.
-                environment=_keys.job_environment(self.core.keys, record.job_id),
+                environment=_keys.job_environment(
+                    self.core.keys, record.job_id, [job_id.split("[")[0] for job_id, _ in record.upstream_ids]
+                ),
+                depends_on=depends_on,
             )
             try:
                 record.ref = provider.submit(spec)

@@ -15,6 +15,11 @@ many jobs per call with `Provider.describe`, and turns the answers
 ``status_enum``       its `JobStatus` table: native state names → `Phase`
 ====================  ======================================================
 
+A provider whose service can hold a job until others succeeded (futures passed
+as arguments) lists the `Dependency` kinds it honours in ``dependency_kinds``
+and finds them in ``spec.depends_on``; the core refuses a dependent call on a
+provider that lists none, rather than wait for the upstream in the client.
+
 Missing verbs fail at construction (``abc``), never at first call.
 """
 
@@ -28,7 +33,7 @@ from typing import Any, ClassVar
 
 from cloudexec.settings import COMMON_SETTINGS, JobSettings, Validator
 
-__all__ = ["Phase", "JobStatus", "JobSpec", "JobInfo", "Provider"]
+__all__ = ["Phase", "JobStatus", "Dependency", "JobSpec", "JobInfo", "Provider"]
 
 
 class Phase(enum.Enum):
@@ -79,6 +84,32 @@ class JobStatus(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Dependency:
+    """One job that must succeed before a submitted job may start.
+
+    Attributes:
+        kind: ``"job"``: wait for the job ``ref`` (or its child ``index``) to
+            succeed; ``"n_to_n"``: array child i waits for child i of the
+            array ``ref`` (same size); ``"sequential"``: array child i waits
+            for child i-1 of the same array (``ref`` is ``None``).
+        ref: the provider's reference of the upstream job (what its
+            ``submit`` returned), ``None`` for ``"sequential"``.
+        job_id: cloudexec's id of the upstream job (for messages).
+        index: ``"job"`` only: the upstream array's child to wait for;
+            ``None`` waits for the whole job (every child of an array).
+    """
+
+    kind: str
+    ref: str | None = None
+    job_id: str | None = None
+    index: int | None = None
+
+
+#: Every `Dependency.kind`.
+DEPENDENCY_KINDS = frozenset({"job", "n_to_n", "sequential"})
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """Everything a provider needs to submit one job.
 
@@ -95,6 +126,10 @@ class JobSpec:
         command: the runner's argv inside the container (``python -m
             cloudexec.runner <job_url>`` plus ``--array`` for arrays).
         environment: extra environment variables for the runner.
+        depends_on: jobs that must succeed before this one starts; the
+            provider makes its service hold the job (and fail it, naming the
+            upstream job, when one of them fails). Only kinds the provider
+            lists in ``dependency_kinds`` are ever given.
     """
 
     job_id: str
@@ -104,6 +139,7 @@ class JobSpec:
     array_size: int | None
     command: tuple[str, ...]
     environment: dict[str, str] = field(default_factory=dict)
+    depends_on: tuple[Dependency, ...] = ()
 
 
 @dataclass
@@ -153,6 +189,9 @@ class Provider(ABC):
         poll_interval_s: (first, longest) pause between polls; the poller backs
             off from the first to the longest while nothing changes.
         default_max_workers: jobs in flight when ``max_workers`` is not given.
+        dependency_kinds: the `Dependency` kinds its service enforces (empty:
+            futures cannot be passed as arguments of this provider's jobs).
+        max_dependencies: most dependencies one job may have (``None``: no limit).
     """
 
     name: ClassVar[str]
@@ -161,6 +200,8 @@ class Provider(ABC):
     provider_settings: ClassVar[Mapping[str, Validator]] = {}
     poll_interval_s: ClassVar[tuple[float, float]] = (1.0, 15.0)
     default_max_workers: ClassVar[int] = 1000
+    dependency_kinds: ClassVar[frozenset[str]] = frozenset()
+    max_dependencies: ClassVar[int | None] = None
 
     def validate_settings(self, settings: JobSettings) -> None:
         """Reject settings this provider cannot honour (ValueError/TypeError).

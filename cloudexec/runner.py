@@ -105,13 +105,32 @@ def job_id_of(job_url: str) -> str:
 
 
 class _Loaded:
-    """A job's call, verified and loaded once (the fork server reuses it for every child)."""
+    """A job's call, verified and loaded once (the fork server reuses it for every child).
 
-    def __init__(self, store: Store, array: bool, job_id: str, key: bytes) -> None:
+    Futures passed as arguments arrive as `cloudexec._payload.Upstream`
+    placeholders: each is replaced by its upstream job's stored result, read
+    from the upstream's folder next to this job's and verified with the key
+    the job received for it (``CLOUDEXEC_UPSTREAM_KEYS``).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        array: bool,
+        job_id: str,
+        key: bytes,
+        *,
+        job_url: str = "",
+        upstream_keys: Mapping[str, bytes] | None = None,
+    ) -> None:
         self.store = store
         self.array = array
         self.job_id = job_id
         self.key = key
+        self.job_url = job_url
+        self.upstream_keys = dict(upstream_keys or {})
+        self._upstream_root: Store | None = None
+        self._upstream_outcomes: dict[tuple[str, int | None], list[Any]] = {}
         call = _keys.open_sealed(key, "call", job_id, None, store.read(_payload.CALL), what=_payload.CALL)
         header, obj = _payload.unpack(call, where="runner")
         if header.get("kind") != "call":
@@ -120,11 +139,49 @@ class _Loaded:
 
     def run(self, index: int | None) -> list[Any]:
         if index is None:
-            return [_payload.capture(self.fn, self.args, self.kwargs)]
+            args, kwargs = self._resolve(self.args), self._resolve(self.kwargs)
+            return [_payload.capture(self.fn, args, kwargs)]
         sealed = _payload.read_input_slice(lambda s, e: self.store.read(_payload.INPUTS, s, e), index)
         raw = _keys.open_sealed(self.key, "input", self.job_id, index, sealed, what=_payload.INPUTS)
-        items = _payload._dill().loads(raw)
+        items = self._resolve(_payload._dill().loads(raw))
         return [_payload.capture(self.fn, item, {}) for item in items]
+
+    def _resolve(self, obj: Any) -> Any:
+        """``obj`` with every `Upstream` placeholder replaced by the upstream job's result."""
+
+        def swap(item: Any) -> Any:
+            return item.value(self._read_upstream) if isinstance(item, _payload.Upstream) else item
+
+        return _payload.replace_in(obj, swap)
+
+    def _read_upstream(self, up_id: str, index: int | None) -> list[Any]:
+        """The verified outcomes of upstream job ``up_id`` (or its child ``index``)."""
+        cached = self._upstream_outcomes.get((up_id, index))
+        if cached is not None:
+            return cached
+        up_id = _payload.check_job_id(up_id, what="an upstream job id")
+        key = self.upstream_keys.get(up_id)
+        if key is None:
+            raise IntegrityError(
+                f"job {self.job_id} reads the result of job {up_id} but did not receive its key in "
+                f"{_keys.UPSTREAM_KEYS_ENV}; submit it through the executor that submitted {up_id}"
+            )
+        if self._upstream_root is None:
+            # Every job's folder sits directly below the executor's storage root.
+            root = self.job_url.rstrip("/").rsplit("/", 1)[0]
+            self._upstream_root = open_store(root, _storage_options())
+        name = _payload.result_key(index)
+        try:
+            data = self._upstream_root.child(up_id).read(name)
+        except FileNotFoundError:
+            which = up_id if index is None else f"{up_id}[{index}]"
+            raise _payload.PayloadError(
+                f"job {self.job_id} needs the result of job {which}, but it has stored none "
+                f"({name} is missing): it ended without success, or its storage was cleaned up"
+            ) from None
+        outcomes = _payload.open_result([key], up_id, index, data)
+        self._upstream_outcomes[(up_id, index)] = outcomes
+        return outcomes
 
 
 def _infra_outcome(exc: BaseException) -> list[Any]:
@@ -168,11 +225,6 @@ def _has_successful_result(store: Store, job_id: str, key: bytes, index: int | N
     return header.get("ok") is True
 
 
-def _job_key(environ: Mapping[str, str] | None = None) -> bytes:
-    """This job's key from the environment (raises IntegrityError if absent)."""
-    return _keys.job_keys_from_env(environ)[""]
-
-
 def _report(outcomes: list[Any]) -> int:
     failed = [o for o in outcomes if o[0] != "ok"]
     for outcome in failed:
@@ -214,7 +266,8 @@ def run_job(
     """
     try:
         job_id = loaded.job_id if loaded else job_id_of(job_url)
-        key = loaded.key if loaded else _job_key(environ)
+        keys = _keys.job_keys_from_env(environ) if loaded is None else {"": loaded.key}
+        key = keys[""]
     except (ValueError, IntegrityError) as exc:
         # Without a valid id and key no result can be signed: the log says why.
         sys.stderr.write(f"cloudexec: refusing to run {job_url}: {exc}\n")
@@ -229,7 +282,7 @@ def run_job(
     code = EXIT_OK
     try:
         if loaded is None:
-            loaded = _Loaded(store, index is not None, job_id, key)
+            loaded = _Loaded(store, index is not None, job_id, key, job_url=job_url, upstream_keys=keys)
         outcomes = loaded.run(index)
     except BaseException as exc:  # noqa: BLE001 - report why the call could not run
         outcomes = _infra_outcome(exc)
@@ -266,7 +319,8 @@ def _serve(job_url: str, control_fd: int, orphans: _Orphans | None = None) -> in
     control = _Control(os.fdopen(control_fd, "w", buffering=1))
     parent = os.getppid()
     try:
-        job_id, key = job_id_of(job_url), _job_key()
+        job_id, keys = job_id_of(job_url), _keys.job_keys_from_env()
+        key = keys[""]
     except (ValueError, IntegrityError) as exc:
         sys.stderr.write(f"cloudexec: refusing to run {job_url}: {exc}\n")
         for line in sys.stdin:  # every child ends at once: nothing can be signed
@@ -276,7 +330,7 @@ def _serve(job_url: str, control_fd: int, orphans: _Orphans | None = None) -> in
         return EXIT_INTEGRITY
     store = open_store(job_url, _storage_options())
     try:
-        loaded: _Loaded | None = _Loaded(store, True, job_id, key)
+        loaded: _Loaded | None = _Loaded(store, True, job_id, key, job_url=job_url, upstream_keys=keys)
         load_error: BaseException | None = None
     except BaseException as exc:  # noqa: BLE001 - every child reports it
         loaded, load_error = None, exc

@@ -15,6 +15,13 @@ separate processes (own memory limit, own kill, own exit code) without paying
 an interpreter start-up each; that is what keeps a 1,000-item local ``map``
 within a small factor of ``ProcessPoolExecutor``. POSIX only.
 
+Dependencies (futures passed as arguments) are held by the scheduler as
+AWS Batch holds them: a dependent stays ``Pending`` until every job (or
+array child) it waits for succeeded, and fails without running, its reason
+naming the upstream job and how it ended, when one of them fails or is
+cancelled. Like the jobs themselves, they live in the client process: a
+dependent whose client died before it started never runs.
+
 When ``io_root`` is a local folder, each job's prefix also holds
 ``local.json`` (its last known state) and ``logs/``, so another process can
 re-attach to it by id.
@@ -65,6 +72,7 @@ class LocalJobStatus(JobStatus):
     """Statuses of local jobs, named like AWS Batch's (in title case)."""
 
     SUBMITTED = ("Submitted", Phase.QUEUED)
+    PENDING = ("Pending", Phase.QUEUED)
     RUNNABLE = ("Runnable", Phase.QUEUED)
     RUNNING = ("Running", Phase.RUNNING)
     SUCCEEDED = ("Succeeded", Phase.SUCCEEDED)
@@ -89,6 +97,7 @@ class _Task:
         "started",
         "kill_reason",
         "history",
+        "waits",
     )
     pid: int | None
 
@@ -104,6 +113,8 @@ class _Task:
         self.started: float | None = None
         self.kill_reason: str | None = None
         self.history: list[str] = [S.SUBMITTED.value]
+        # Tasks that must succeed before this one may run (its dependencies).
+        self.waits: list[_Task] = []
 
     def set(self, status: LocalJobStatus) -> None:
         counts = self.job.counts
@@ -161,7 +172,9 @@ class _LocalJob:
             return S.FAILED if c[S.FAILED] else S.SUCCEEDED
         if c[S.RUNNING] or ended:
             return S.RUNNING
-        return S.RUNNABLE if c[S.RUNNABLE] else S.SUBMITTED
+        if c[S.RUNNABLE]:
+            return S.RUNNABLE
+        return S.PENDING if c[S.PENDING] else S.SUBMITTED
 
     def info(self) -> JobInfo:
         if not self.is_array:
@@ -277,6 +290,7 @@ class _Scheduler:
         self.cond = threading.Condition()
         self.jobs: dict[str, _LocalJob] = {}
         self.queue: deque[_LocalJob] = deque()  # jobs with runnable tasks, FIFO
+        self.pending: set[_Task] = set()  # tasks waiting for their dependencies
         self.running: set[_Task] = set()
         self.events: deque[tuple[str, Any]] = deque()
         self.closed = False
@@ -286,13 +300,65 @@ class _Scheduler:
     # -- requests ------------------------------------------------------------
     def add(self, job: _LocalJob) -> None:
         with self.cond:
+            self._link(job)
             self.jobs[job.job_id] = job
             for task in job.tasks:
-                task.set(S.RUNNABLE)
-                job.runnable.append(task)
-            self.queue.append(job)
+                if task.waits:
+                    task.set(S.PENDING)
+                    self.pending.add(task)
+                else:
+                    task.set(S.RUNNABLE)
+                    job.runnable.append(task)
+            if job.runnable:
+                self.queue.append(job)
+            self._release()
             self._after_change(job)
             self.cond.notify_all()
+
+    def _link(self, job: _LocalJob) -> None:
+        """Fill each task's ``waits`` from the job's dependencies."""
+        for dep in job.spec.depends_on:
+            if dep.kind == "sequential":
+                for before, task in zip(job.tasks, job.tasks[1:]):
+                    task.waits.append(before)
+                continue
+            upstream = self.jobs.get(dep.ref or "")
+            if upstream is None:
+                # Scheduled by another process: it ended (the executor passes no
+                # dependency on a job it saw succeed), or cannot be followed.
+                raise SubmissionError(
+                    f"job {job.job_id} cannot wait for job {dep.job_id}: this process did not schedule it. "
+                    "Pass its result instead (future.result())."
+                )
+            for k, task in enumerate(job.tasks):
+                if dep.kind == "n_to_n":
+                    task.waits.append(upstream.tasks[k])
+                elif dep.index is not None:
+                    task.waits.append(upstream.tasks[dep.index])
+                else:
+                    task.waits.extend(upstream.tasks)
+
+    def _release(self) -> None:
+        """Queue the pending tasks whose dependencies all succeeded; fail those of which one failed."""
+        changed = True
+        while changed and self.pending:
+            changed = False
+            for task in list(self.pending):
+                failed = next((t for t in task.waits if t.status is S.FAILED), None)
+                if failed is not None:
+                    self.pending.discard(task)
+                    name = failed.job.job_id if failed.index is None else f"{failed.job.job_id}[{failed.index}]"
+                    task.reason = f"Dependency {name} failed: {failed.reason or 'no reason given'}"
+                    task.set(S.FAILED)
+                    self._after_change(task.job)
+                    changed = True  # its own dependents fail in turn
+                elif all(t.status is S.SUCCEEDED for t in task.waits):
+                    self.pending.discard(task)
+                    task.set(S.RUNNABLE)
+                    task.job.runnable.append(task)
+                    if task.job not in self.queue:
+                        self.queue.append(task.job)
+                    changed = True
 
     def cancel(self, job: _LocalJob, reason: str, index: int | None) -> None:
         with self.cond:
@@ -301,7 +367,8 @@ class _Scheduler:
                 # Workers that outlive the client must not start what was cancelled.
                 _withdraw_from_orphans(job, index)
             for task in tasks:
-                if task.status in (S.SUBMITTED, S.RUNNABLE):
+                if task.status in (S.SUBMITTED, S.PENDING, S.RUNNABLE):
+                    self.pending.discard(task)
                     self._unqueue(task)
                     task.reason = reason
                     task.set(S.FAILED)
@@ -341,6 +408,7 @@ class _Scheduler:
                 if self.closed:
                     return
                 self._handle_events()
+                self._release()
                 self._start_tasks()
                 timeout = self._watch()
                 if not self.events:
@@ -635,6 +703,7 @@ class LocalProvider(Provider):
     status_enum = LocalJobStatus
     settings = COMMON_SETTINGS
     poll_interval_s = (0.01, 0.25)
+    dependency_kinds = frozenset({"job", "n_to_n", "sequential"})
 
     def __init__(self, *, state_dir: str, max_vcpus: int, env: dict[str, str] | None = None) -> None:
         self.state_dir = state_dir

@@ -113,6 +113,7 @@ class _JobRecord:
         # waits for until it is submitted, then only their ids, for messages.
         self.depends: list[tuple[str, BatchFuture[Any] | None]] = []
         self.upstream_ids: list[tuple[str, weakref.ref[BatchFuture[Any]]]] = []
+        self.held = False  # handed over with dependencies: the service holds it
 
     @property
     def is_array(self) -> bool:
@@ -579,7 +580,8 @@ class BatchExecutor(Executor):
         io_url: storage folder for calls and results (any fsspec URL the
             provider's containers can reach).
         storage_options: fsspec options for ``io_url``.
-        max_workers: jobs in flight at once (an array job counts once);
+        max_workers: jobs in flight at once (an array job counts once; a
+            job the service holds for its upstream jobs does not count);
             default: the provider's.
         poll_interval_s: (first, longest) pause between status polls, in
             seconds, each above 0 and at most 3600; default: the provider's.

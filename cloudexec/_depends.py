@@ -206,6 +206,7 @@ def depends_on(record: _JobRecord) -> tuple[Dependency, ...] | JobFailedError:
     # Kept only for messages from here on: the upstream futures (and their
     # results) are not held by the dependent any longer than needed.
     record.upstream_ids = [(f.job_id, weakref.ref(f)) for _, f in record.depends if f is not None]
+    record.held = any(d.kind != "sequential" for d in deps)
     record.depends = []
     return tuple(deps)
 

@@ -208,7 +208,7 @@ class Manager:
         with self.cond:
             self.cond.notify_all()
             while self.thread is not None and self.thread.is_alive() and self.broken is None:
-                blocked = not self.queue or len(self._counted()) >= self.core.max_workers
+                blocked = not self._can_dispatch()
                 if blocked and self.dispatching is None:
                     break
                 self.cond.wait(0.05)
@@ -268,13 +268,23 @@ class Manager:
             with self.cond:
                 if self.stopping and not self.queue and not self.inflight:
                     return
-                if self.queue and len(self._counted()) < self.core.max_workers:
+                if self._can_dispatch():
                     continue
                 timeout = max(0.0, next_poll - time.monotonic()) if self.inflight else None
                 self.cond.wait(timeout)
 
     def _counted(self) -> list[_JobRecord]:
-        return [r for r in self.inflight.values() if not r.attached]
+        # A job the service holds for its upstream jobs takes no worker slot:
+        # it cannot run before they end, and they hold slots of their own. A
+        # pipeline is thus handed over whole, and survives its client.
+        return [r for r in self.inflight.values() if not r.attached and not r.held]
+
+    def _can_dispatch(self) -> bool:
+        """Whether the head of the queue may be handed over now (caller holds ``cond``)."""
+        if not self.queue:
+            return False
+        head = self.queue[0]
+        return len(self._counted()) < self.core.max_workers or any(kind != "sequential" for kind, _ in head.depends)
 
     def _break_all(self) -> None:
         with self.cond:
@@ -305,7 +315,7 @@ class Manager:
         deadline = time.monotonic() + _DISPATCH_SLICE_S
         while time.monotonic() < deadline:
             with self.cond:
-                if not self.queue or len(self._counted()) >= self.core.max_workers:
+                if not self._can_dispatch():
                     return progressed
                 record = self.queue.popleft()
                 future = record.future

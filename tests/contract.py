@@ -531,6 +531,116 @@ class ExecutorContract:
             gc.collect()
             assert obj_ref() is None
 
+    # -- pipelines: futures as arguments ---------------------------------------------
+    @pytest.mark.timeout(120)
+    def test_depend_chain_with_futures_nested_in_containers_and_kwargs(
+        self, make_executor: MakeExecutor, tmp_path: Any
+    ) -> None:
+        ex = make_executor()
+        gate = str(tmp_path / "gate")
+        a = ex.submit(jobs.wait_for_file, gate, 1)
+        try:
+            b = ex.submit(jobs.double, a)
+            c = ex.submit(jobs.echo, [a, (b,)], {"k": a}, key=b)
+            # submit returned without waiting: the service holds b and c.
+            assert not a.done() and not b.done() and not c.done()
+            assert wait_until(lambda: c.job_status, 60).phase is Phase.QUEUED
+            assert not c.done()
+        finally:
+            open(gate, "w").close()
+        assert c.result(timeout=90) == (([1, (2,)], {"k": 1}), {"key": 2})
+        assert b.result(timeout=10) == 2
+
+    @pytest.mark.timeout(90)
+    def test_depend_on_a_finished_future_passes_its_value(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        a = ex.submit(jobs.double, 2)
+        assert a.result(timeout=60) == 4
+        b = ex.submit(jobs.echo, a, x=[a])
+        assert not b._record.depends and not b._record.upstream_ids  # the value went in the call
+        assert b.result(timeout=60) == ((4,), {"x": [4]})
+
+    @pytest.mark.timeout(120)
+    def test_depend_map_items_that_are_futures(self, make_executor: MakeExecutor) -> None:
+        ex = make_executor()
+        a, b = ex.submit(jobs.double, 1), ex.submit(jobs.double, 2)
+        assert list(ex.map(jobs.double, [a, b, 5], timeout=90)) == [4, 8, 10]
+        assert ex.submit_map(jobs.echo, [a, 3], [{"b": b}, None]).result(timeout=90) == [
+            ((2, {"b": 4}), {}),
+            ((3, None), {}),
+        ]
+
+    @pytest.mark.timeout(150)
+    def test_depend_n_to_n_array_and_whole_array_argument(self, make_executor: MakeExecutor, tmp_path: Any) -> None:
+        ex = make_executor()
+        gate = str(tmp_path / "gate")
+        first = ex.submit_map(jobs.wait_for_file, [gate] * 3, [1, 2, 3])
+        try:
+            second = ex.submit_map(jobs.double, first)  # child i waits for child i
+            whole = ex.submit(jobs.total, second)  # the list of every result
+            assert not whole.done() and not second.done()
+        finally:
+            open(gate, "w").close()
+        assert second.result(timeout=120) == [2, 4, 6]
+        assert whole.result(timeout=60) == 12
+
+    @pytest.mark.timeout(150)
+    def test_depend_sequential_array_runs_children_in_order(self, make_executor: MakeExecutor, tmp_path: Any) -> None:
+        ex = make_executor()
+        path = str(tmp_path / "lines")
+        arr = ex.submit_map(jobs.append_line, [path] * 4, range(4), sequential=True)
+        assert arr.result(timeout=120) == [1, 2, 3, 4]
+        with open(path, encoding="utf-8") as fh:
+            assert fh.read().split() == ["0", "1", "2", "3"]
+
+    @pytest.mark.timeout(150)
+    def test_depend_failed_upstream_fails_dependents_without_running(
+        self, make_executor: MakeExecutor, tmp_path: Any
+    ) -> None:
+        ex = make_executor()
+        ran = tmp_path / "ran"
+        up = ex.submit(jobs.fail_on, 3)
+        down = ex.submit(jobs.touch, str(ran), up)
+        further = ex.submit(jobs.touch, str(ran), down)
+        with pytest.raises(jobs.Boom):
+            up.result(timeout=90)
+        for future in (down, further):
+            error = future.exception(timeout=90)
+            assert isinstance(error, JobFailedError), error
+            assert up.job_id in str(error) or down.job_id in str(error)
+        assert up.job_id in str(down.exception())
+        assert not ran.exists()
+        # A failed future passed after the fact: the job is never submitted.
+        late = ex.submit(jobs.touch, str(ran), up)
+        error = late.exception(timeout=60)
+        assert isinstance(error, JobFailedError) and up.job_id in str(error) and "Boom" in str(error)
+        assert not ran.exists()
+
+    @pytest.mark.timeout(150)
+    def test_depend_cancelled_upstream_fails_its_dependents(self, make_executor: MakeExecutor, tmp_path: Any) -> None:
+        ex = make_executor()
+        gate, ran = str(tmp_path / "gate"), tmp_path / "ran"
+        up = ex.submit(jobs.wait_for_file, gate, 1)
+        try:
+            down = ex.submit(jobs.touch, str(ran), up)
+            wait_until(lambda: down.job_status, 60)  # handed to the service, held there
+            assert up.cancel()
+            error = down.exception(timeout=90)
+        finally:
+            open(gate, "w").close()
+        assert isinstance(error, JobFailedError), error
+        assert up.job_id in str(error) and "cancel" in str(error)
+        assert not ran.exists()
+
+    def test_depend_on_another_executors_future_is_refused(self, make_executor: MakeExecutor) -> None:
+        ex, other = make_executor(), make_executor()
+        up = other.submit(jobs.double, 1)
+        with pytest.raises(ValueError, match="another executor"):
+            ex.submit(jobs.double, up)
+        with pytest.raises(ValueError, match="another executor"):
+            ex.submit_map(jobs.double, [1, up])
+        assert up.result(timeout=60) == 2
+
     def test_attach_unknown_id(self, make_executor: MakeExecutor) -> None:
         from cloudexec.errors import JobNotFoundError
 

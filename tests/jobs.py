@@ -148,3 +148,36 @@ def make_dummy(value: int) -> Dummy:
 def slow_double(x: int, seconds: float = 0.3) -> int:
     time.sleep(seconds)
     return 2 * x
+
+
+def wait_for_file(path: str, value: object, timeout_s: float = 120.0) -> object:
+    """Return ``value`` once ``path`` exists (a gate the test opens)."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.05)
+    return value
+
+
+def echo(*args: object, **kwargs: object) -> tuple[tuple[object, ...], dict[str, object]]:
+    return args, kwargs
+
+
+def total(values: "list[int]") -> int:
+    return sum(values)
+
+
+def touch(path: str, *_: object) -> str:
+    """Create ``path`` (proves the job ran)."""
+    with open(path, "a", encoding="utf-8"):
+        pass
+    return path
+
+
+def append_line(path: str, line: object) -> int:
+    """Append ``line`` to ``path``; return how many lines it holds now."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"{line}\n")
+    with open(path, encoding="utf-8") as fh:
+        return len(fh.read().splitlines())

@@ -49,6 +49,8 @@ EXPORTS = ("AWSBatchExecutor", "AWSBatchFuture", "AWSJobStatus")
 LOG_GROUP = "/aws/batch/job"
 MAX_ARRAY_SIZE = 10_000
 MIN_TIMEOUT_S = 60
+#: Most jobs one AWS Batch job may depend on ("up to 20 other jobs", AWS Batch user guide).
+MAX_DEPENDENCIES = 20
 MAX_SUBMIT_BYTES = 30 * 1024
 _DESCRIBE_BATCH = 100
 _GENERIC_REASON = "Essential container in task exited"
@@ -138,6 +140,58 @@ def _parse_ref(ref: str) -> list[tuple[str, int | None]]:
         job_id, size = item.rsplit("/", 1)
         parts.append((job_id, int(size)))
     return parts
+
+
+def _dependencies(spec: JobSpec, offset: int, size: int | None, previous: str | None) -> list[dict[str, str]]:
+    """SubmitJob's ``dependsOn`` for the part of ``spec`` at ``offset`` (``size`` ``None``: a plain job).
+
+    AWS can wait for a whole job (every child of an array), child i for child
+    i (``N_TO_N``, arrays of the same size) and each child for the one before
+    (``SEQUENTIAL``); a dependency on one child of an array waits for that
+    child's whole part. An array split into parts is matched part by part,
+    and its later parts of a ``sequential`` array wait for the part before.
+
+    Raises:
+        SubmissionError: more than AWS's 20 dependencies for one job.
+    """
+    out: list[dict[str, str]] = []
+    for dep in spec.depends_on:
+        if dep.kind == "sequential":
+            if size is not None:
+                out.append({"type": "SEQUENTIAL"})
+            if previous is not None:
+                out.append({"jobId": previous})
+            continue
+        upstream = []
+        start = 0
+        for job_id, up_size in _parse_ref(dep.ref or ""):
+            upstream.append((start, up_size or 1, job_id))
+            start += up_size or 1
+        if dep.kind == "n_to_n":
+            same = [u for u in upstream if u[0] == offset and u[1] == (size or 1)]
+            if same:
+                entry = {"jobId": same[0][2]}
+                if size is not None:
+                    entry["type"] = "N_TO_N"
+                out.append(entry)
+                continue
+            # Parts laid out differently: wait for every upstream part this part's children need.
+            wanted = range(offset, offset + (size or 1))
+            out.extend({"jobId": j} for s, n, j in upstream if s < wanted.stop and wanted.start < s + n)
+        elif dep.index is not None:
+            out.extend({"jobId": j} for s, n, j in upstream if s <= dep.index < s + n)
+        else:
+            out.extend({"jobId": j} for _, _, j in upstream)
+    unique = list({json.dumps(d, sort_keys=True): d for d in out}.values())
+    if len(unique) > MAX_DEPENDENCIES:
+        raise SubmissionError(
+            f"job {spec.job_id} would depend on {len(unique)} AWS Batch jobs (arrays above the executor's "
+            f"max_array_size count once per part), above AWS Batch's limit of {MAX_DEPENDENCIES}. Restructure: "
+            "pass fewer futures per call (one ArrayFuture instead of many separate futures), or gather them in "
+            f"steps of at most {MAX_DEPENDENCIES} (part = ex.submit(list, futures[:{MAX_DEPENDENCIES}])).",
+            job_id=spec.job_id,
+        )
+    return unique
 
 
 def _child_locator(ref: str, index: int) -> str | None:
@@ -244,6 +298,9 @@ class AWSBatchProvider(Provider):
     # AWS Batch's fair-share scheduling (SubmitJob's schedulingPriorityOverride, 0..9999, and shareIdentifier).
     provider_settings = {"scheduling_priority": int_in(0, 9999), "share_identifier": non_empty_str}
     poll_interval_s = (1.0, 10.0)
+    # SubmitJob's dependsOn: a job ID (whole job), N_TO_N, SEQUENTIAL; "up to 20" per job.
+    dependency_kinds = frozenset({"job", "n_to_n", "sequential"})
+    max_dependencies = MAX_DEPENDENCIES
 
     def __init__(
         self,
@@ -318,6 +375,7 @@ class AWSBatchProvider(Provider):
         env: dict[str, str],
         suffix: str = "",
         command: Sequence[str] | None = None,
+        depends_on: list[dict[str, str]] | None = None,
     ) -> dict[str, Any]:
         s = spec.settings
         requirements = []
@@ -341,6 +399,8 @@ class AWSBatchProvider(Provider):
         }
         if size is not None:
             request["arrayProperties"] = {"size": size}
+        if depends_on:
+            request["dependsOn"] = depends_on
         if s.timeout_s is not None:
             request["timeout"] = {"attemptDurationSeconds": int(math.ceil(s.timeout_s))}
         if s.retries is not None:
@@ -418,19 +478,23 @@ class AWSBatchProvider(Provider):
     def submit(self, spec: JobSpec) -> str:
         env = {"CLOUDEXEC_JOB_ID": spec.job_id, **spec.environment}
         if spec.array_size is None:
-            return self._submit_one(spec, self._request(spec, size=None, env=env))
+            deps = _dependencies(spec, 0, None, None)
+            return self._submit_one(spec, self._request(spec, size=None, env=env, depends_on=deps))
         parts: list[tuple[str, int]] = []
         try:
             for offset in range(0, spec.array_size, self.max_array_size):
                 size = min(self.max_array_size, spec.array_size - offset)
                 suffix = f"-part{offset // self.max_array_size}" if spec.array_size > self.max_array_size else ""
+                deps = _dependencies(spec, offset, size if size > 1 else None, parts[-1][0] if parts else None)
                 if size == 1:
                     # AWS arrays need 2+ children: a lone child runs as a plain job told its index.
                     command = (*spec.command, "--index", str(offset))
-                    request = self._request(spec, size=None, env=env, suffix=suffix, command=command)
+                    request = self._request(spec, size=None, env=env, suffix=suffix, command=command, depends_on=deps)
                 else:
                     command = (*spec.command, "--index-offset", str(offset)) if offset else spec.command
-                    request = self._request(spec, size=size, env=env, suffix=suffix, command=command)
+                    request = self._request(
+                        spec, size=size, env=env, suffix=suffix, command=command, depends_on=deps
+                    )
                 parts.append((self._submit_one(spec, request), size))
         except BaseException:
             # Nothing half-submitted: stop the parts that did go through.

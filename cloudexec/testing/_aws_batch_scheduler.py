@@ -53,6 +53,9 @@ from cloudexec.testing._aws_batch_node import WATCH_INTERVAL_S, Attempt, Node
 
 __all__ = ["JobScheduler"]
 
+#: Most ``dependsOn`` entries one SubmitJob takes.
+MAX_DEPENDENCIES = 20
+
 _log = logging.getLogger(__name__)
 
 # How far past the head of the RUNNABLE queue the scheduler looks for a job that fits
@@ -303,8 +306,15 @@ class JobScheduler:
     ) -> list[tuple[Job | None, str]]:
         """Checks ``dependsOn``; a SEQUENTIAL entry (no jobId) pairs with None."""
         resolved: list[tuple[Job | None, str]] = []
+        if len(depends_on) > MAX_DEPENDENCIES:
+            # "Job A can express a dependency on up to 20 other jobs" (AWS Batch user guide).
+            raise client_error(
+                f"Too many dependencies: a job can depend on at most {MAX_DEPENDENCIES} jobs, got {len(depends_on)}"
+            )
         for dependency in depends_on:
             kind = str(dependency.get("type") or "").upper()
+            if kind not in ("", "N_TO_N", "SEQUENTIAL"):
+                raise client_error(f"Invalid dependency type {dependency.get('type')!r}: expected N_TO_N or SEQUENTIAL")
             dep_id = dependency.get("jobId")
             if kind == "SEQUENTIAL" and not dep_id:
                 if not array_size:

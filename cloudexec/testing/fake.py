@@ -123,6 +123,7 @@ class _Task:
         self.logs: dict[str, io.StringIO] | None = None
         self.stop_reason: str | None = None
         self.stopped = threading.Event()
+        self.waits: list[_Task] = []  # tasks that must succeed before this one is queued
 
     @property
     def provider_job_id(self) -> str:
@@ -185,6 +186,7 @@ class FakeBatchService:
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._queue: list[_Task] = []
+        self._held: list[_Task] = []  # waiting for their dependencies
         self._running = 0
         self._ids = itertools.count()
         #: Calls made to the service, by verb (``submit``, ``describe``, …).
@@ -196,10 +198,48 @@ class FakeBatchService:
         with self._lock:
             self.api_calls["submit"] += 1
             ref = f"fake-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-            job = self._jobs[ref] = _Job(ref, spec)
-            self._queue.extend(job.tasks)
+            job = _Job(ref, spec)
+            self._link(job)
+            self._jobs[ref] = job
+            for task in job.tasks:
+                (self._held if task.waits else self._queue).append(task)
         self._start_queued()
         return ref
+
+    def _link(self, job: _Job) -> None:
+        """Each task's dependencies, from ``spec.depends_on`` (caller holds the lock)."""
+        for dep in job.spec.depends_on:
+            if dep.kind == "sequential":
+                for before, task in zip(job.tasks, job.tasks[1:]):
+                    task.waits.append(before)
+                continue
+            upstream = self._jobs.get(dep.ref or "")
+            if upstream is None:
+                raise SubmissionError(f"job {job.spec.job_id}: dependency {dep.ref} is not a job of this service",
+                                      code="UnknownDependency", job_id=job.spec.job_id)
+            for k, task in enumerate(job.tasks):
+                if dep.kind == "n_to_n":
+                    task.waits.append(upstream.tasks[k])
+                elif dep.index is not None:
+                    task.waits.append(upstream.tasks[dep.index])
+                else:
+                    task.waits.extend(upstream.tasks)
+
+    def _release(self) -> None:
+        """Queue held tasks whose dependencies succeeded; fail those with a failed one (lock held)."""
+        changed = True
+        while changed:
+            changed = False
+            for task in list(self._held):
+                failed = next((t for t in task.waits if t.status is FakeJobStatus.FAILED), None)
+                if failed is not None:
+                    self._held.remove(task)
+                    self._end(task, FakeJobStatus.FAILED, None,
+                              f"Dependency {failed.provider_job_id} failed: {failed.reason or 'no reason given'}")
+                    changed = True
+                elif all(t.status is FakeJobStatus.SUCCEEDED for t in task.waits):
+                    self._held.remove(task)
+                    self._queue.append(task)
 
     def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
         """Every known job among ``refs``, in one call."""
@@ -224,12 +264,13 @@ class FakeBatchService:
             for task in job.tasks:
                 if index is not None and task.index != index or task.status.terminal:
                     continue
-                if task in self._queue:
-                    self._queue.remove(task)
+                if task in self._queue or task in self._held:
+                    (self._queue if task in self._queue else self._held).remove(task)
                     self._end(task, FakeJobStatus.FAILED, None, reason)
                 else:
                     task.stop_reason = reason
                     task.stopped.set()
+        self._start_queued()  # settles the dependents of what was cancelled
 
     def log(self, ref: str, index: int | None, stream: str) -> str | None:
         """The console output of a task's latest attempt (``None`` before it started)."""
@@ -259,6 +300,7 @@ class FakeBatchService:
 
     def _start_queued(self) -> None:
         with self._lock:
+            self._release()
             while self._queue and self._running < self.slots:
                 task = self._queue.pop(0)
                 self._running += 1
@@ -340,6 +382,7 @@ class FakeBatchProvider(Provider):
     status_enum: ClassVar[type[JobStatus]] = FakeJobStatus
     poll_interval_s: ClassVar[tuple[float, float]] = (0.02, 0.2)
     default_max_workers: ClassVar[int] = 100
+    dependency_kinds: ClassVar[frozenset[str]] = frozenset({"job", "n_to_n", "sequential"})
 
     def __init__(self, service: FakeBatchService | None = None) -> None:
         self.service = service if service is not None else default_service()

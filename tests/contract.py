@@ -111,6 +111,14 @@ class ExecutorContract:
     #: Whether each job runs in a process of its own. ``False`` (the in-process
     #: fake) leaves out the calls that end their process, which would end the tests.
     isolated_processes = True
+    #: Whether the provider holds a job for the jobs whose futures it was
+    #: given; ``False``: submit refuses unfinished futures with a TypeError.
+    holds_dependents = True
+
+    @pytest.fixture
+    def pipelines(self) -> None:
+        if not self.holds_dependents:
+            pytest.skip("this provider does not hold jobs for others (see test_depend_refused_where_unsupported)")
 
     # -- submit -----------------------------------------------------------------
     @pytest.mark.timeout(60)
@@ -534,7 +542,7 @@ class ExecutorContract:
     # -- pipelines: futures as arguments ---------------------------------------------
     @pytest.mark.timeout(120)
     def test_depend_chain_with_futures_nested_in_containers_and_kwargs(
-        self, make_executor: MakeExecutor, tmp_path: Any
+        self, make_executor: MakeExecutor, pipelines: None, tmp_path: Any
     ) -> None:
         ex = make_executor()
         gate = str(tmp_path / "gate")
@@ -561,7 +569,7 @@ class ExecutorContract:
         assert b.result(timeout=60) == ((4,), {"x": [4]})
 
     @pytest.mark.timeout(120)
-    def test_depend_map_items_that_are_futures(self, make_executor: MakeExecutor) -> None:
+    def test_depend_map_items_that_are_futures(self, make_executor: MakeExecutor, pipelines: None) -> None:
         ex = make_executor()
         a, b = ex.submit(jobs.double, 1), ex.submit(jobs.double, 2)
         assert list(ex.map(jobs.double, [a, b, 5], timeout=90)) == [4, 8, 10]
@@ -571,7 +579,7 @@ class ExecutorContract:
         ]
 
     @pytest.mark.timeout(150)
-    def test_depend_n_to_n_array_and_whole_array_argument(self, make_executor: MakeExecutor, tmp_path: Any) -> None:
+    def test_depend_n_to_n_array_and_whole_array_argument(self, make_executor: MakeExecutor, pipelines: None, tmp_path: Any) -> None:
         ex = make_executor()
         gate = str(tmp_path / "gate")
         first = ex.submit_map(jobs.wait_for_file, [gate] * 3, [1, 2, 3])
@@ -585,7 +593,7 @@ class ExecutorContract:
         assert whole.result(timeout=60) == 12
 
     @pytest.mark.timeout(150)
-    def test_depend_sequential_array_runs_children_in_order(self, make_executor: MakeExecutor, tmp_path: Any) -> None:
+    def test_depend_sequential_array_runs_children_in_order(self, make_executor: MakeExecutor, pipelines: None, tmp_path: Any) -> None:
         ex = make_executor()
         path = str(tmp_path / "lines")
         arr = ex.submit_map(jobs.append_line, [path] * 4, range(4), sequential=True)
@@ -595,7 +603,7 @@ class ExecutorContract:
 
     @pytest.mark.timeout(150)
     def test_depend_failed_upstream_fails_dependents_without_running(
-        self, make_executor: MakeExecutor, tmp_path: Any
+        self, make_executor: MakeExecutor, pipelines: None, tmp_path: Any
     ) -> None:
         ex = make_executor()
         ran = tmp_path / "ran"
@@ -617,7 +625,7 @@ class ExecutorContract:
         assert not ran.exists()
 
     @pytest.mark.timeout(150)
-    def test_depend_cancelled_upstream_fails_its_dependents(self, make_executor: MakeExecutor, tmp_path: Any) -> None:
+    def test_depend_cancelled_upstream_fails_its_dependents(self, make_executor: MakeExecutor, pipelines: None, tmp_path: Any) -> None:
         ex = make_executor()
         gate, ran = str(tmp_path / "gate"), tmp_path / "ran"
         up = ex.submit(jobs.wait_for_file, gate, 1)
@@ -631,6 +639,19 @@ class ExecutorContract:
         assert isinstance(error, JobFailedError), error
         assert up.job_id in str(error) and "cancel" in str(error)
         assert not ran.exists()
+
+    @pytest.mark.timeout(90)
+    def test_depend_refused_where_unsupported(self, make_executor: MakeExecutor) -> None:
+        if self.holds_dependents:
+            pytest.skip("this provider holds dependents")
+        ex = make_executor()
+        up = ex.submit(jobs.nap, 2)
+        with pytest.raises(TypeError, match="cannot hold a job for another"):
+            ex.submit(jobs.double, up)
+        with pytest.raises(TypeError, match="one after another"):
+            ex.submit_map(jobs.double, [1, 2], sequential=True)
+        up.result(timeout=60)
+        assert ex.submit(jobs.echo, up).result(timeout=60)[0][0] is not None  # finished: its value
 
     def test_depend_on_another_executors_future_is_refused(self, make_executor: MakeExecutor) -> None:
         ex, other = make_executor(), make_executor()

@@ -86,6 +86,8 @@ REALISTIC_SUBSET = frozenset(
         "test_cancel_array_terminates_every_child",
         "test_cancel_pending_and_finished",
         "test_attach_by_job_id_from_another_executor",
+        "test_depend_chain_with_futures_nested_in_containers_and_kwargs",
+        "test_depend_failed_upstream_fails_dependents_without_running",
     }
 )
 

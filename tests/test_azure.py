@@ -92,6 +92,7 @@ class TestAzureContract(ExecutorContract):
 
     timeout_exit_code = 143  # the node sends SIGTERM at maxWallClockTime
     memory_limit = None  # Azure Batch sizes memory by VM, not per task
+    holds_dependents = False  # task dependencies live within one Azure job: not used yet
 
 
 class TestAzureProviderContract(ProviderContract):

@@ -60,6 +60,7 @@ class TestAzureContractRealistic(RealisticContract):
 
     timeout_exit_code = 143
     memory_limit = None
+    holds_dependents = False
 
     @pytest.fixture
     def make_executor(self, realistic_emu: Any) -> Iterator[Any]:

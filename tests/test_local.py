@@ -56,7 +56,9 @@ def test_status_sequence_and_separate_logs(make_executor: Any) -> None:
     arr = ex.submit_map(jobs.shout, ["p", "q"])
     arr.result(timeout=45)
     assert arr.children[1].job_stderr_log == "stderr says q\n"
-    assert arr.status_counts == {"Submitted": 0, "Runnable": 0, "Running": 0, "Succeeded": 2, "Failed": 0}
+    assert arr.status_counts == {
+        "Submitted": 0, "Pending": 0, "Runnable": 0, "Running": 0, "Succeeded": 2, "Failed": 0
+    }
 
 
 

@@ -250,6 +250,7 @@ def test_open_store_picks_the_cheap_path(tmp_path: Any) -> None:
     "member, name, phase",
     [
         (LocalJobStatus.SUBMITTED, "Submitted", Phase.QUEUED),
+        (LocalJobStatus.PENDING, "Pending", Phase.QUEUED),
         (LocalJobStatus.RUNNABLE, "Runnable", Phase.QUEUED),
         (LocalJobStatus.RUNNING, "Running", Phase.RUNNING),
         (LocalJobStatus.SUCCEEDED, "Succeeded", Phase.SUCCEEDED),

@@ -392,3 +392,104 @@ def test_repr_names_the_endpoints_and_no_key(emu: AzureBatchEmulator) -> None:
     assert text.startswith(f"AzureBatchEmulator(batch_url={emu.batch_url!r}, blob_endpoint={emu.blob_endpoint!r}")
     assert f"pool_id={emu.pool_id!r}" in text and f"slots={emu.slots}" in text
     assert emu.account_key not in text and emu.storage_account_key not in text
+
+
+# -- task dependencies --------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_dependencies_need_a_job_created_with_uses_task_dependencies(
+    emu: AzureBatchEmulator, client: BatchClient
+) -> None:
+    job_id = new_job(client, emu.pool_id)
+    assert client.get_job(job_id).uses_task_dependencies is False
+    client.create_task(job_id, m.BatchTaskCreateOptions(id="1", command_line="true"))
+    dependent = m.BatchTaskCreateOptions(
+        id="2", command_line="true", depends_on=m.BatchTaskDependencies(task_ids=["1"])
+    )
+    with pytest.raises(ResourceExistsError) as excinfo:  # 409, as Azure answers
+        client.create_task(job_id, dependent)
+    assert excinfo.value.error is not None and excinfo.value.error.code == "TaskDependenciesNotSpecifiedOnJob"
+    with pytest.raises(Exception) as update:  # it cannot be switched on later
+        client.update_job(job_id, m.BatchJobUpdateOptions(uses_task_dependencies=True))  # type: ignore[call-arg]
+    assert "usesTaskDependencies" in str(update.value) or "uses_task_dependencies" in str(update.value)
+
+
+@pytest.mark.timeout(60)
+def test_dependents_wait_for_task_ids_and_ranges_and_failures_block_them(
+    emu: AzureBatchEmulator, client: BatchClient, tmp_path: Any
+) -> None:
+    job_id = new_job(client, emu.pool_id, uses_task_dependencies=True)
+    assert client.get_job(job_id).uses_task_dependencies is True
+    gate = tmp_path / "gate"
+    wait = py(f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.05)")
+    client.create_tasks(
+        job_id,
+        [
+            m.BatchTaskCreateOptions(id="10", command_line=wait),
+            m.BatchTaskCreateOptions(id="11", command_line="true"),
+            m.BatchTaskCreateOptions(
+                id="after-range", command_line="true",
+                depends_on=m.BatchTaskDependencies(task_id_ranges=[m.BatchTaskIdRange(start=10, end=11)]),
+            ),
+            m.BatchTaskCreateOptions(
+                id="after-id", command_line="true", depends_on=m.BatchTaskDependencies(task_ids=["after-range"])
+            ),
+            m.BatchTaskCreateOptions(id="bad", command_line="false"),
+            m.BatchTaskCreateOptions(
+                id="blocked", command_line="true", depends_on=m.BatchTaskDependencies(task_ids=["bad"])
+            ),
+        ],
+    )
+    wait_task(client, job_id, "11", "completed")
+    wait_task(client, job_id, "bad", "completed")
+    time.sleep(0.5)  # a scheduling pass or more: nothing may start them meanwhile
+    for held in ("after-range", "after-id", "blocked"):
+        assert client.get_task(job_id, held).state == m.BatchTaskState.ACTIVE
+    gate.touch()
+    wait_task(client, job_id, "after-id", "completed")
+    assert client.get_task(job_id, "after-range").execution_info.result == m.BatchTaskExecutionResult.SUCCESS
+    assert client.get_task(job_id, "after-id").depends_on.task_ids == ["after-range"]
+    # A failed task blocks its dependents for good (dependencyAction "block" by default).
+    assert client.get_task(job_id, "blocked").state == m.BatchTaskState.ACTIVE
+
+
+@pytest.mark.timeout(60)
+def test_dependency_action_satisfy_lets_dependents_of_a_failure_run(
+    emu: AzureBatchEmulator, client: BatchClient
+) -> None:
+    job_id = new_job(client, emu.pool_id, uses_task_dependencies=True)
+    satisfy = m.ExitOptions(dependency_action=m.DependencyAction.SATISFY)
+    block = m.ExitOptions(dependency_action=m.DependencyAction.BLOCK)
+    client.create_tasks(
+        job_id,
+        [
+            m.BatchTaskCreateOptions(
+                id="fails", command_line="false", exit_conditions=m.ExitConditions(default=satisfy)
+            ),
+            m.BatchTaskCreateOptions(
+                id="runs-anyway", command_line="true", depends_on=m.BatchTaskDependencies(task_ids=["fails"])
+            ),
+            m.BatchTaskCreateOptions(
+                id="exit-3", command_line=py("raise SystemExit(3)"),
+                exit_conditions=m.ExitConditions(
+                    exit_codes=[m.ExitCodeMapping(code=3, exit_options=block)], default=satisfy
+                ),
+            ),
+            m.BatchTaskCreateOptions(
+                id="held", command_line="true", depends_on=m.BatchTaskDependencies(task_ids=["exit-3"])
+            ),
+        ],
+    )
+    task = wait_task(client, job_id, "runs-anyway", "completed")
+    assert task.execution_info.result == m.BatchTaskExecutionResult.SUCCESS
+    wait_task(client, job_id, "exit-3", "completed")
+    time.sleep(0.5)
+    assert client.get_task(job_id, "held").state == m.BatchTaskState.ACTIVE  # exit code 3 maps to block
+    on_plain_job = new_job(client, emu.pool_id)
+    with pytest.raises(ResourceExistsError) as excinfo:
+        client.create_task(
+            on_plain_job,
+            m.BatchTaskCreateOptions(id="x", command_line="true", exit_conditions=m.ExitConditions(default=satisfy)),
+        )
+    assert excinfo.value.error is not None and excinfo.value.error.code == "TaskDependenciesNotSpecifiedOnJob"

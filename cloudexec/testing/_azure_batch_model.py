@@ -225,6 +225,7 @@ class JobRecord(_StateMachine):
     deadline_mono: float | None
     on_all_tasks_complete: str
     max_parallel_tasks: int
+    uses_task_dependencies: bool = False
     state: str = "active"
     state_transition_time: dt.datetime = field(default_factory=utc_now)
     previous_state: str | None = None

@@ -40,6 +40,7 @@ from typing import Any
 
 from cloudexec import _process
 from cloudexec.testing._azure_batch_model import BatchStore, JobRecord, TaskRecord, utc_now
+from cloudexec.testing import _azure_batch_depends as _depends
 
 __all__ = ["ComputeNode"]
 
@@ -137,6 +138,10 @@ class ComputeNode:
         self._used_slots = 0
         self._running: set[TaskRecord] = set()
         self._check_jobs: set[JobRecord] = set()
+        # Tasks waiting for the tasks they depend on (or blocked by one that
+        # failed), looked at again after any task completed.
+        self._held: set[TaskRecord] = set()
+        self._deps_due = False
         self._stopping = False
         self.failure: str | None = None
         """Traceback of the exception that stopped the node thread, if any."""
@@ -185,6 +190,13 @@ class ComputeNode:
         slots than the node has, stay ``active`` forever, as on Azure.
         """
         if task.job.pool_id != self.pool_id or task.required_slots > self.slots:
+            return
+        if task.spec.get("dependsOn"):
+            # Looked at in the next scheduling pass, once every task of the same
+            # request exists (a range may name tasks added after this one).
+            self._held.add(task)
+            self._deps_due = True
+            self.wake()
             return
         task.queued = True
         task.job.queue.append(task)
@@ -273,6 +285,7 @@ class ComputeNode:
         self._complete_due(now)
         self._signal_kills(now)
         self._update_jobs(now)
+        self._release_held()
         self._schedule()
         return self._sleep_time(time.monotonic())
 
@@ -308,6 +321,19 @@ class ComputeNode:
                 self.store.jobs.pop(job.id.lower(), None)
                 shutil.rmtree(self.root_dir / "workitems" / job.id, ignore_errors=True)
         self._check_jobs.clear()
+
+    def _release_held(self) -> None:
+        """Queue the held tasks whose dependencies are all met (after a task completed)."""
+        if not self._deps_due:
+            return
+        self._deps_due = False
+        for task in list(self._held):
+            if task.state != "active" or task.id.lower() not in task.job.tasks:
+                self._held.discard(task)
+            elif not _depends.waiting(task):
+                self._held.discard(task)
+                task.queued = True
+                task.job.queue.append(task)
 
     def _schedule(self) -> None:
         ready = sorted(
@@ -514,6 +540,7 @@ class ComputeNode:
         task.etag = self.store.new_etag()
         task.deadline_mono = None
         self._check_jobs.add(task.job)
+        self._deps_due = True
         self.wake()  # so the job's end conditions are looked at in the next step
 
     def _signal(self, task: TaskRecord, signum: int) -> None:

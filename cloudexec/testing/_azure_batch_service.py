@@ -71,6 +71,7 @@ from cloudexec.testing._azure_batch_model import (
     validate_id,
 )
 from cloudexec.testing._azure_batch_node import ComputeNode
+from cloudexec.testing import _azure_batch_depends as _depends
 from cloudexec.testing._hooks import QUIET, Hooks, ResetConnection, reset_socket
 from cloudexec.testing._azure_batch_odata import FilterError, compile_filter, select_fields
 
@@ -100,10 +101,8 @@ _JSON_TYPE = "application/json;odata=minimalmetadata"
 _UNSUPPORTED_TASK_PROPERTIES = (
     "resourceFiles",
     "outputFiles",
-    "dependsOn",
     "multiInstanceSettings",
     "applicationPackageReferences",
-    "exitConditions",
     "authenticationTokenSettings",
 )
 _UNSUPPORTED_JOB_PROPERTIES = ("jobManagerTask", "jobPreparationTask", "jobReleaseTask")
@@ -575,7 +574,7 @@ class AzureBatchService:
                 "priority": job.priority,
                 "allowTaskPreemption": bool(spec.get("allowTaskPreemption", False)),
                 "maxParallelTasks": job.max_parallel_tasks,
-                "usesTaskDependencies": False,
+                "usesTaskDependencies": job.uses_task_dependencies,
                 "constraints": {
                     "maxWallClockTime": constraints.get("maxWallClockTime") or UNLIMITED_DURATION,
                     "maxTaskRetryCount": job.max_task_retry_count,
@@ -637,11 +636,6 @@ class AzureBatchService:
             raise BatchServiceError(400, "InvalidRequestBody", "The request body must be a JSON object.")
         job_id = validate_id(body.get("id"), kind="job")
         _check_unsupported(body, _UNSUPPORTED_JOB_PROPERTIES)
-        if body.get("usesTaskDependencies"):
-            raise BatchServiceError(
-                400, "UnsupportedProperty", "The Azure Batch emulator does not implement task dependencies.",
-                {"PropertyName": "usesTaskDependencies"},
-            )
         pool_info = body.get("poolInfo")
         if not isinstance(pool_info, dict):
             raise BatchServiceError(
@@ -675,6 +669,7 @@ class AzureBatchService:
             state_transition_time=now,
             last_modified=now,
         )
+        job.uses_task_dependencies = bool(body.get("usesTaskDependencies"))
         self._apply_job_settings(job, body, creating=True)
         self.store.jobs[job_id.lower()] = job
         self.node.recheck_job(job)
@@ -693,6 +688,11 @@ class AzureBatchService:
             raise BatchServiceError(400, "InvalidRequestBody", "The request body must be a JSON object.")
         self._require_mutable(job)
         _check_unsupported(body, ("poolInfo", "networkConfiguration"))
+        if "usesTaskDependencies" in body:
+            # Only Add Job sets it: a job's tasks cannot start depending on each other later.
+            raise _invalid_value(
+                "usesTaskDependencies", body["usesTaskDependencies"], "can be set only when the job is added"
+            )
         self._apply_job_settings(job, body, creating=False)
         job.last_modified = utc_now()
         job.etag = self.store.new_etag()
@@ -758,7 +758,10 @@ class AzureBatchService:
         }
         out.update(_previous_state(task))
         out["commandLine"] = spec.get("commandLine")
-        for name in ("displayName", "environmentSettings", "containerSettings", "userIdentity", "affinityInfo"):
+        for name in (
+            "displayName", "environmentSettings", "containerSettings", "userIdentity", "affinityInfo", "dependsOn",
+            "exitConditions",
+        ):
             if spec.get(name) is not None:
                 out[name] = spec[name]
         constraints = spec.get("constraints") or {}
@@ -805,6 +808,7 @@ class AzureBatchService:
                 {"PropertyName": "commandLine"},
             )
         _check_unsupported(body, _UNSUPPORTED_TASK_PROPERTIES)
+        _depends.validate(job, body)
         constraints = body.get("constraints") or {}
         if not isinstance(constraints, dict):
             raise _invalid_value("constraints", constraints, "must be an object")

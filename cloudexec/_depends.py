@@ -15,6 +15,12 @@ How a dependent call travels::
       ▼
     runner: Upstream → up's stored result (verified with up's key)
 
+A provider whose service cannot hold a job for another (``dependency_kinds``
+empty) still gets pipelines: the manager keeps the dependent in the client
+until its upstream jobs ended (`waits_in_client`), then submits it without a
+dependency, or fails it. That does not outlive the client, and cannot run
+array children one after another (``sequential``), which is refused.
+
 A finished, successful future is simply replaced by its value. Only futures
 of the same executor (or one of its `with_settings` views) can be waited for:
 their jobs live in the same storage root, under the same key. Cycles cannot
@@ -33,7 +39,7 @@ from cloudexec.errors import JobFailedError
 if TYPE_CHECKING:
     from cloudexec._base import BatchFuture, _Core, _JobRecord
 
-__all__ = ["swap_futures", "plan_single", "plan_array", "depends_on", "upstream_hint"]
+__all__ = ["swap_futures", "plan_single", "plan_array", "depends_on", "waits_in_client", "upstream_hint"]
 
 
 def _is_future(obj: Any) -> bool:
@@ -108,14 +114,14 @@ def _check(core: _Core, job: str, depends: list[tuple[str, BatchFuture[Any] | No
     """Refuse dependencies the provider cannot enforce, before anything is submitted."""
     provider = core.provider
     kinds = {kind for kind, _ in depends}
-    missing = kinds - provider.dependency_kinds
-    if missing:
-        what = "run array children one after another" if "sequential" in missing else "hold a job for another"
+    if "sequential" in kinds and "sequential" not in provider.dependency_kinds:
         raise TypeError(
-            f"{job}: the {provider.name} provider cannot {what} (it supports "
-            f"{', '.join(sorted(provider.dependency_kinds)) or 'no dependencies'}). Pass finished values instead "
-            "(future.result()) or use a provider that does."
+            f"{job}: the {provider.name} provider cannot run array children one after another (sequential=True). "
+            "Chain single jobs instead (each submit given the previous future), or use a provider that can "
+            "(local, AWS)."
         )
+    if not kinds <= provider.dependency_kinds:
+        return  # held in the client: no provider limit applies
     upstream = {f._record.job_id for _, f in depends if f is not None}
     count = len(upstream) + ("sequential" in kinds)
     limit = provider.max_dependencies
@@ -169,6 +175,11 @@ def plan_array(
     if depends:
         _check(core, f"array job {record.job_id}", depends)
         record.depends = depends
+
+
+def waits_in_client(record: _JobRecord, kinds: frozenset[str]) -> bool:
+    """Whether the manager must keep ``record`` until an upstream job ends (the service cannot hold it)."""
+    return any(f is not None and kind not in kinds and not f.done() for kind, f in record.depends)
 
 
 def _how_it_ended(future: BatchFuture[Any]) -> str:

@@ -108,6 +108,8 @@ class Manager:
         self.min_interval, self.max_interval = poll_interval_s
         self.cond = threading.Condition()
         self.queue: deque[_JobRecord] = deque()
+        # Dependents the provider cannot hold, kept until their upstream jobs end.
+        self.waiting: list[_JobRecord] = []
         self.inflight: dict[str, _JobRecord] = {}
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -172,8 +174,9 @@ class Manager:
     def cancel_queued(self) -> None:
         """Cancel every job not yet handed to the provider."""
         with self.cond:
-            queued = list(self.queue)
+            queued = list(self.queue) + self.waiting
             self.queue.clear()
+            self.waiting.clear()
         for record in queued:
             if record.future is not None:
                 record.future.cancel()
@@ -212,8 +215,9 @@ class Manager:
                 if blocked and self.dispatching is None:
                     break
                 self.cond.wait(0.05)
-            left = list(self.queue)
+            left = list(self.queue) + self.waiting
             self.queue.clear()
+            self.waiting.clear()
         if left:
             log.warning(
                 "cloudexec: the interpreter exits without shutdown(): %d job(s) were never handed to the %s "
@@ -266,10 +270,13 @@ class Manager:
                 interval = self.min_interval if changed else min(interval * 1.5, self.max_interval)
                 next_poll = time.monotonic() + interval
             with self.cond:
-                if self.stopping and not self.queue and not self.inflight:
+                if self.stopping and not self.queue and not self.inflight and not self.waiting:
                     return
                 if self._can_dispatch():
                     continue
+                kinds = self.core.provider.dependency_kinds
+                if any(not _depends.waits_in_client(r, kinds) for r in self.waiting):
+                    continue  # an upstream job ended in this poll: its dependents go out now
                 timeout = max(0.0, next_poll - time.monotonic()) if self.inflight else None
                 self.cond.wait(timeout)
 
@@ -284,12 +291,19 @@ class Manager:
         if not self.queue:
             return False
         head = self.queue[0]
-        return len(self._counted()) < self.core.max_workers or any(kind != "sequential" for kind, _ in head.depends)
+        if len(self._counted()) < self.core.max_workers:
+            return True
+        kinds = self.core.provider.dependency_kinds
+        # A dependent goes to the service's hold, or to the client's, without a slot.
+        return _depends.waits_in_client(head, kinds) or any(
+            kind in kinds and kind != "sequential" and f is not None and not f.done() for kind, f in head.depends
+        )
 
     def _break_all(self) -> None:
         with self.cond:
-            records = list(self.queue) + list(self.inflight.values())
+            records = list(self.queue) + self.waiting + list(self.inflight.values())
             self.queue.clear()
+            self.waiting.clear()
             self.inflight.clear()
             self.cond.notify_all()
         for record in records:
@@ -313,6 +327,12 @@ class Manager:
         # then, so that polls of the jobs already in flight are not starved
         # while thousands of submissions go out.
         deadline = time.monotonic() + _DISPATCH_SLICE_S
+        kinds = self.core.provider.dependency_kinds
+        with self.cond:
+            ready = [r for r in self.waiting if not _depends.waits_in_client(r, kinds)]
+            if ready:
+                self.waiting = [r for r in self.waiting if r not in ready]
+                self.queue.extendleft(reversed(ready))  # they were queued before what is queued now
         while time.monotonic() < deadline:
             with self.cond:
                 if not self._can_dispatch():
@@ -320,6 +340,9 @@ class Manager:
                 record = self.queue.popleft()
                 future = record.future
                 if future is None or future.cancelled():
+                    continue
+                if _depends.waits_in_client(record, kinds):
+                    self.waiting.append(record)
                     continue
                 self.inflight[record.job_id] = record
                 self.dispatching = record

@@ -92,7 +92,8 @@ class TestAzureContract(ExecutorContract):
 
     timeout_exit_code = 143  # the node sends SIGTERM at maxWallClockTime
     memory_limit = None  # Azure Batch sizes memory by VM, not per task
-    holds_dependents = False  # task dependencies live within one Azure job: not used yet
+    holds_dependents = False  # dependents wait in the client (Azure task dependencies stay within one job)
+    sequential_arrays = False
 
 
 class TestAzureProviderContract(ProviderContract):

@@ -60,7 +60,8 @@ class TestAzureContractRealistic(RealisticContract):
 
     timeout_exit_code = 143
     memory_limit = None
-    holds_dependents = False
+    holds_dependents = False  # dependents wait in the client (Azure task dependencies stay within one job)
+    sequential_arrays = False
 
     @pytest.fixture
     def make_executor(self, realistic_emu: Any) -> Iterator[Any]:

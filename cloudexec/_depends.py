@@ -42,12 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["swap_futures", "plan_single", "plan_array", "depends_on", "waits_in_client", "upstream_hint"]
 
 
-def _is_future(obj: Any) -> bool:
-    from cloudexec._base import BatchFuture
-
-    return isinstance(obj, BatchFuture)
-
-
 def _succeeded(future: BatchFuture[Any]) -> bool:
     return future.done() and not future.cancelled() and future.exception(0) is None
 
@@ -63,8 +57,10 @@ def swap_futures(core: _Core, obj: Any, found: dict[int, BatchFuture[Any]]) -> A
             or key): its job's result could not be read by this executor's jobs.
     """
 
+    from cloudexec._base import ArrayFuture, BatchFuture
+
     def swap(item: Any) -> Any:
-        if not _is_future(item):
+        if not isinstance(item, BatchFuture):
             return item
         future: BatchFuture[Any] = item
         if future._core is not core:
@@ -79,8 +75,6 @@ def swap_futures(core: _Core, obj: Any, found: dict[int, BatchFuture[Any]]) -> A
         if _succeeded(future) and not record.streaming:
             return future.result()
         found[id(future)] = future
-        from cloudexec._base import ArrayFuture
-
         if isinstance(future, ArrayFuture):
             return _payload.Upstream(record.job_id, size=record.size, chunked=record.chunksize > 1)
         return _payload.Upstream(record.job_id, index=future._index, chunked=record.chunksize > 1)

@@ -305,6 +305,9 @@ class Upstream:
         return outcome_value(outcomes[0])
 
 
+_ATOMS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
 def replace_in(obj: Any, swap: Any) -> Any:
     """``obj`` with ``swap(x)`` in place of each item ``x`` for which it returns something else than ``x``.
 
@@ -316,7 +319,9 @@ def replace_in(obj: Any, swap: Any) -> Any:
     if new is not obj:
         return new
     if isinstance(obj, (list, tuple, set, frozenset)):
-        items = [replace_in(x, swap) for x in obj]
+        # Plain values are by far the most common items (a million-number
+        # list argument): they are passed over without a call.
+        items = [x if type(x) in _ATOMS else replace_in(x, swap) for x in obj]
         if all(a is b for a, b in zip(items, obj)):
             return obj
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):

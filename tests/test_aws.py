@@ -315,3 +315,47 @@ def test_refused_submissions_raise_submission_error_and_leave_nothing(emu: Any, 
     big = make_executor().with_settings(tags={f"k{i}": "v" * 1000 for i in range(40)})
     with pytest.raises(SubmissionError, match="30 KiB"):
         big.submit(jobs.double, 1).result(timeout=30)
+
+
+# -- dependsOn, from JobSpec.depends_on (pure function) -----------------------------------------
+
+
+def _spec(size: int | None, *deps: Any) -> Any:
+    from cloudexec._provider import JobSpec
+    from cloudexec.settings import JobSettings
+
+    return JobSpec("down", "s3://b/down", "down", JobSettings(), size, ("python",), {}, tuple(deps))
+
+
+def test_depends_on_maps_kinds_and_parts() -> None:
+    from cloudexec._provider import Dependency
+    from cloudexec.providers.aws import _dependencies
+
+    single, split = "up-1", "array:p0/3,p1/3,p2/1"
+    assert _dependencies(_spec(None, Dependency("job", single)), 0, None, None) == [{"jobId": "up-1"}]
+    # A whole split array: every part; one child: the part that holds it.
+    assert _dependencies(_spec(None, Dependency("job", split)), 0, None, None) == [
+        {"jobId": "p0"}, {"jobId": "p1"}, {"jobId": "p2"}
+    ]
+    assert _dependencies(_spec(None, Dependency("job", split, index=4)), 0, None, None) == [{"jobId": "p1"}]
+    # N_TO_N part by part (a lone child is a plain job: a plain dependency on the lone upstream child).
+    n_to_n = Dependency("n_to_n", split)
+    assert _dependencies(_spec(7, n_to_n), 3, 3, "prev") == [{"jobId": "p1", "type": "N_TO_N"}]
+    assert _dependencies(_spec(7, n_to_n), 6, None, "prev") == [{"jobId": "p2"}]
+    # Parts laid out otherwise: every upstream part the children need.
+    assert _dependencies(_spec(7, n_to_n), 2, 2, None) == [{"jobId": "p0"}, {"jobId": "p1"}]
+    # SEQUENTIAL inside a part; a later part waits for the one before.
+    sequential = Dependency("sequential")
+    assert _dependencies(_spec(7, sequential), 0, 3, None) == [{"type": "SEQUENTIAL"}]
+    assert _dependencies(_spec(7, sequential), 3, 3, "p0") == [{"type": "SEQUENTIAL"}, {"jobId": "p0"}]
+    assert _dependencies(_spec(7, sequential), 6, None, "p1") == [{"jobId": "p1"}]
+
+
+def test_depends_on_more_than_twenty_is_refused_with_how_to_restructure() -> None:
+    from cloudexec._provider import Dependency
+    from cloudexec.errors import SubmissionError
+    from cloudexec.providers.aws import _dependencies
+
+    many = [Dependency("job", f"up-{i}") for i in range(21)]
+    with pytest.raises(SubmissionError, match="limit of 20.*Restructure"):
+        _dependencies(_spec(None, *many), 0, None, None)

@@ -68,3 +68,24 @@ def test_own_service_counts_calls_and_expires_jobs() -> None:
 def test_bad_slots_are_refused() -> None:
     with pytest.raises(ValueError, match="slots must be a positive int; got 0"):
         FakeBatchService(slots=0)
+
+
+@pytest.mark.timeout(60)
+def test_more_dependencies_than_the_provider_allows_are_refused_at_submit(
+    make_executor: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from cloudexec.testing.fake import FakeBatchProvider
+
+    monkeypatch.setattr(FakeBatchProvider, "max_dependencies", 2)
+    ex = make_executor()
+    gate = str(tmp_path / "gate")
+    ups = [ex.submit(jobs.wait_for_file, gate, i) for i in range(3)]
+    try:
+        with pytest.raises(ValueError, match="wait for 3 jobs.*at most 2 dependencies.*Restructure"):
+            ex.submit(jobs.total, ups)
+        with pytest.raises(ValueError, match="array job .* wait for 3 jobs"):
+            ex.submit_map(jobs.double, ups)  # an array waits as a whole: three upstream jobs
+        two = ex.submit(jobs.total, ups[:2])  # within the limit
+    finally:
+        open(gate, "w").close()
+    assert two.result(timeout=30) == 1

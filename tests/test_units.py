@@ -1020,3 +1020,39 @@ def test_orphaned_workers_share_the_children_nobody_started(tmp_path: Path) -> N
     c = _Orphans(str(tmp_path / "other"), 3, str(tmp_path / "logs"))
     (tmp_path / "other" / "closed").touch()  # the whole array was cancelled
     assert c.claim_next() is None
+
+
+# -- futures as arguments: placeholders --------------------------------------------------
+
+
+def test_replace_in_rebuilds_only_containers_that_changed() -> None:
+    from collections import namedtuple
+
+    from cloudexec._payload import replace_in
+
+    Pair = namedtuple("Pair", "a b")
+    untouched = [1, "x", (2.0, None), {"k": [3]}]
+    assert replace_in(untouched, lambda x: x) is untouched
+    marker = object()
+    value = [1, (marker, Pair(marker, 2)), {"k": {marker}}, frozenset({4})]
+    swapped = replace_in(value, lambda x: "V" if x is marker else x)
+    assert swapped == [1, ("V", Pair("V", 2)), {"k": {"V"}}, frozenset({4})]
+    assert type(swapped[1][1]) is Pair and swapped[3] is value[3]
+
+
+def test_upstream_placeholder_reads_single_child_chunked_and_whole_results() -> None:
+    import dill
+
+    from cloudexec._payload import Upstream
+
+    stored = {("j", None): [("ok", 5)], ("a", 0): [("ok", 1), ("ok", 2)], ("a", 1): [("ok", 3)]}
+
+    def read(job_id: str, index: int | None) -> list[Any]:
+        return stored[(job_id, index)]
+
+    assert Upstream("j").value(read) == 5
+    assert Upstream("a", index=0, chunked=True).value(read) == [1, 2]
+    assert Upstream("a", size=2, chunked=True).value(read) == [1, 2, 3]
+    copy = dill.loads(dill.dumps(Upstream("a", index=1)))
+    assert (copy.job_id, copy.index, copy.size, copy.chunked) == ("a", 1, None, False)
+    assert "a[1]" in repr(copy)

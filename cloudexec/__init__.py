@@ -59,7 +59,7 @@ from cloudexec._version import __version__
 
 if TYPE_CHECKING:
     from cloudexec._base import ArrayFuture, BatchExecutor, BatchFuture
-    from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
+    from cloudexec._provider import Dependency, JobInfo, JobSpec, JobStatus, Phase, Provider
     from cloudexec.errors import (
         CloudExecError,
         JobFailedError,
@@ -77,6 +77,7 @@ _WHERE = {
     "BatchExecutor": "cloudexec._base",
     "BatchFuture": "cloudexec._base",
     "ArrayFuture": "cloudexec._base",
+    "Dependency": "cloudexec._provider",
     "JobInfo": "cloudexec._provider",
     "JobSpec": "cloudexec._provider",
     "JobStatus": "cloudexec._provider",

@@ -61,6 +61,14 @@ upload them. Files a job writes to
 ``./JobOutput/`` are listed by ``future.output_files()`` and fetched by
 ``future.download_output(name, dest)``.
 
+Futures passed as arguments: Azure Batch task dependencies exist only between
+tasks of one job created with ``usesTaskDependencies``, and each cloudexec
+call is an Azure job of its own, so this provider lists no
+``dependency_kinds``: the executor keeps a dependent in the client until its
+upstream jobs ended and then submits it (or fails it, naming them);
+``sequential=True`` is refused. docs/reference.md has the planned layout for
+holding them in the service.
+
 Provider references (kept in each job's manifest): the Azure job id for a
 single job, ``array:<jobId>/<size>`` for an array.
 """

@@ -111,8 +111,7 @@ def _check(core: _Core, job: str, depends: list[tuple[str, BatchFuture[Any] | No
     if "sequential" in kinds and "sequential" not in provider.dependency_kinds:
         raise TypeError(
             f"{job}: the {provider.name} provider cannot run array children one after another (sequential=True). "
-            "Chain single jobs instead (each submit given the previous future), or use a provider that can "
-            "(local, AWS)."
+            "Chain single jobs instead (each submit given the previous future), or use a provider whose service can."
         )
     if not kinds <= provider.dependency_kinds:
         return  # held in the client: no provider limit applies

@@ -122,6 +122,7 @@ class _Loaded:
         *,
         job_url: str = "",
         upstream_keys: Mapping[str, bytes] | None = None,
+        storage_setup: str | None = None,
     ) -> None:
         self.store = store
         self.array = array
@@ -129,6 +130,7 @@ class _Loaded:
         self.key = key
         self.job_url = job_url
         self.upstream_keys = dict(upstream_keys or {})
+        self.storage_setup = storage_setup
         self._upstream_root: Store | None = None
         self._upstream_outcomes: dict[tuple[str, int | None], list[Any]] = {}
         call = _keys.open_sealed(key, "call", job_id, None, store.read(_payload.CALL), what=_payload.CALL)
@@ -170,6 +172,8 @@ class _Loaded:
             # Every job's folder sits directly below the executor's storage root.
             root = self.job_url.rstrip("/").rsplit("/", 1)[0]
             self._upstream_root = open_store(root, _storage_options())
+            if self.storage_setup:
+                _call_hook(self.storage_setup, "storage setup", self._upstream_root)
         name = _payload.result_key(index)
         try:
             data = self._upstream_root.child(up_id).read(name)
@@ -282,7 +286,9 @@ def run_job(
     code = EXIT_OK
     try:
         if loaded is None:
-            loaded = _Loaded(store, index is not None, job_id, key, job_url=job_url, upstream_keys=keys)
+            loaded = _Loaded(
+                store, index is not None, job_id, key, job_url=job_url, upstream_keys=keys, storage_setup=storage_setup
+            )
         outcomes = loaded.run(index)
     except BaseException as exc:  # noqa: BLE001 - report why the call could not run
         outcomes = _infra_outcome(exc)

@@ -215,9 +215,23 @@ class Manager:
                 if blocked and self.dispatching is None:
                     break
                 self.cond.wait(0.05)
-            left = list(self.queue) + self.waiting
+            left = list(self.queue)
+            waiting = self.waiting
             self.queue.clear()
-            self.waiting.clear()
+            self.waiting = []
+        if waiting:
+            log.warning(
+                "cloudexec: the interpreter exits without shutdown(): %d job(s) were still waiting in this client "
+                "for their upstream jobs (the %s provider cannot hold a job for another), and are cancelled: %s. "
+                "Call shutdown(wait=True) (or use the executor in a with-block) before the script ends to have "
+                "them run.",
+                len(waiting),
+                self.core.provider.name,
+                ", ".join(r.job_id for r in waiting),
+            )
+            for record in waiting:
+                if record.future is not None:
+                    record.future.cancel()
         if left:
             log.warning(
                 "cloudexec: the interpreter exits without shutdown(): %d job(s) were never handed to the %s "

@@ -908,9 +908,8 @@ class LocalBatchExecutor(BatchExecutor):
     ``io_root``; an array's warm workers go on to run every child nobody had
     started yet (not those a cancel withdrew); single jobs it had not started
     never run (nor jobs held for their upstream jobs), and attaching reports
-    them as ended without a result. A new
-    process with the same ``io_root`` attaches by job id and sees the array
-    running, then gets every result. Give a persistent ``io_root`` (the
+    them as ended without a result. A new process with the same ``io_root``
+    attaches by job id and sees the array running, then gets every result. Give a persistent ``io_root`` (the
     default temporary folder goes with the process; an orderly exit ends the
     job processes first, so none writes into a folder that is gone).
 

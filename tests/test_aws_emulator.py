@@ -341,6 +341,58 @@ def test_depends_on(emu: AWSBatchEmulator) -> None:
     assert doomed["attempts"] == []
 
 
+@pytest.mark.timeout(60)
+def test_array_dependencies_n_to_n_sequential_and_whole_array(emu: AWSBatchEmulator, tmp_path: Any) -> None:
+    """N_TO_N pairs children by index, SEQUENTIAL orders them, a plain jobId waits for the whole array."""
+    log = tmp_path / "order"
+    note = (
+        "import os, time; i = os.environ['AWS_BATCH_JOB_ARRAY_INDEX']; time.sleep(0.1 * (3 - int(i))); "
+        f"open({str(log)!r}, 'a').write(os.environ['TAG'] + i + chr(10))"
+    )
+
+    def tagged(tag: str) -> dict[str, Any]:
+        return {"environment": [{"name": "TAG", "value": tag}]}
+
+    first = submit(emu, py(note), arrayProperties={"size": 3}, containerOverrides=tagged("a"))
+    paired = submit(
+        emu, py(note), arrayProperties={"size": 3}, containerOverrides=tagged("b"),
+        dependsOn=[{"jobId": first, "type": "N_TO_N"}],
+    )
+    ordered = submit(
+        emu, py(note), arrayProperties={"size": 3}, containerOverrides=tagged("s"),
+        dependsOn=[{"type": "SEQUENTIAL"}],
+    )
+    after_all = submit(emu, py(note.replace("os.environ['AWS_BATCH_JOB_ARRAY_INDEX']", "'0'")),
+                       containerOverrides=tagged("w"), dependsOn=[{"jobId": paired}])
+    assert describe(emu, after_all)["status"] in ("SUBMITTED", "PENDING")
+    assert wait_for(emu, after_all)["status"] == "SUCCEEDED"
+    assert wait_for(emu, ordered)["status"] == "SUCCEEDED"
+    lines = log.read_text().split()
+    for i in "012":
+        assert lines.index("a" + i) < lines.index("b" + i)  # child i after child i
+    assert [line for line in lines if line[0] == "s"] == ["s0", "s1", "s2"]  # in index order
+    assert lines.index("w0") > max(lines.index("b" + i) for i in "012")  # after the whole array
+
+
+@pytest.mark.timeout(30)
+def test_dependency_failures_and_limits(emu: AWSBatchEmulator) -> None:
+    """A failing N_TO_N child fails its partner only; more than 20 or an unknown type is refused."""
+    code = "import os, sys; sys.exit(int(os.environ['AWS_BATCH_JOB_ARRAY_INDEX']) == 1)"
+    first = submit(emu, py(code), arrayProperties={"size": 2})
+    paired = submit(emu, py("pass"), arrayProperties={"size": 2}, dependsOn=[{"jobId": first, "type": "N_TO_N"}])
+    assert wait_for(emu, paired)["status"] == "FAILED"
+    children = emu.client("batch").describe_jobs(jobs=[f"{paired}:0", f"{paired}:1"])["jobs"]
+    by_index = {c["arrayProperties"]["index"]: c for c in children}
+    assert by_index[0]["status"] == "SUCCEEDED"
+    assert (by_index[1]["status"], by_index[1]["statusReason"]) == ("FAILED", "Dependent Job failed")
+    batch = emu.client("batch")
+    many = [{"jobId": first}] * 21
+    for depends, match in ((many, "at most 20"), ([{"jobId": first, "type": "BOTH"}], "Invalid dependency type")):
+        with pytest.raises(ClientError, match=match):
+            batch.submit_job(jobName="x", jobQueue=emu.job_queue, jobDefinition=emu.job_definition,
+                             containerOverrides={"command": py("pass")}, dependsOn=depends)
+
+
 # ----------------------------------------------------------------------- arrays
 
 

@@ -114,6 +114,7 @@ class _JobRecord:
         self.depends: list[tuple[str, BatchFuture[Any] | None]] = []
         self.upstream_ids: list[tuple[str, weakref.ref[BatchFuture[Any]]]] = []
         self.held = False  # handed over with dependencies: the service holds it
+        self.client_hold = False  # the provider could not hold it: the manager does
 
     @property
     def is_array(self) -> bool:

@@ -171,8 +171,17 @@ def plan_array(
 
 
 def waits_in_client(record: _JobRecord, kinds: frozenset[str]) -> bool:
-    """Whether the manager must keep ``record`` until an upstream job ends (the service cannot hold it)."""
-    return any(f is not None and kind not in kinds and not f.done() for kind, f in record.depends)
+    """Whether the manager must keep ``record`` until an upstream job ends.
+
+    So it is when the service cannot hold it, and when an unfinished upstream
+    job has no provider reference to name (itself kept in the client).
+    """
+    return any(
+        f is not None
+        and not f.done()
+        and (record.client_hold or kind not in kinds or f._record.ref is None)
+        for kind, f in record.depends
+    )
 
 
 def _how_it_ended(future: BatchFuture[Any]) -> str:
@@ -207,12 +216,20 @@ def depends_on(record: _JobRecord) -> tuple[Dependency, ...] | JobFailedError:
                 "be given to the service",
             )
         deps.append(Dependency(kind, ref=upstream.ref, job_id=upstream.job_id, index=future._index))
-    # Kept only for messages from here on: the upstream futures (and their
-    # results) are not held by the dependent any longer than needed.
     record.upstream_ids = [(f.job_id, weakref.ref(f)) for _, f in record.depends if f is not None]
     record.held = any(d.kind != "sequential" for d in deps)
-    record.depends = []
     return tuple(deps)
+
+
+def submitted(record: _JobRecord) -> None:
+    """The provider has the job: keep its upstream jobs only for messages, not their futures (and results)."""
+    record.depends = []
+
+
+def hold_in_client(record: _JobRecord) -> None:
+    """The provider cannot hold the job: the manager keeps it until its upstream jobs ended."""
+    record.client_hold = True
+    record.held = False
 
 
 def _never_ran(record: _JobRecord, upstream_id: str, how: str) -> JobFailedError:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from cloudexec._log import log
 from cloudexec import _depends, _keys, _payload
 from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
-from cloudexec._provider import JobInfo, JobSpec, Phase
+from cloudexec._provider import CannotHold, JobInfo, JobSpec, Phase
 from cloudexec._storage import Store
 from cloudexec.errors import CloudExecError, IntegrityError, JobUnreachableError, PayloadError, SubmissionError
 
@@ -363,6 +363,12 @@ class Manager:
             progressed = True
             try:
                 self._submit(record)
+            except CannotHold:
+                _depends.hold_in_client(record)
+                with self.cond:
+                    self.inflight.pop(record.job_id, None)
+                    self._job_stores.pop(record.job_id, None)
+                    self.waiting.append(record)
             except BaseException as exc:  # noqa: BLE001 - the future carries it
                 with self.cond:
                     self.inflight.pop(record.job_id, None)
@@ -413,7 +419,7 @@ class Manager:
             )
             try:
                 record.ref = provider.submit(spec)
-            except CloudExecError:
+            except (CloudExecError, CannotHold):
                 raise
             except Exception as exc:
                 raise SubmissionError(
@@ -428,6 +434,7 @@ class Manager:
                 pass
             raise
         record.call = record.inputs = None  # free the client's memory
+        _depends.submitted(record)
         # From here on the job exists at the provider: nothing may fail its future
         # as if nothing had been submitted.
         self._record_provider_ref(record)

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from cloudexec.settings import COMMON_SETTINGS, JobSettings, Validator
 
-__all__ = ["Phase", "JobStatus", "Dependency", "JobSpec", "JobInfo", "Provider"]
+__all__ = ["Phase", "JobStatus", "Dependency", "JobSpec", "JobInfo", "Provider", "CannotHold"]
 
 
 class Phase(enum.Enum):
@@ -103,6 +103,15 @@ class Dependency:
     ref: str | None = None
     job_id: str | None = None
     index: int | None = None
+
+
+class CannotHold(Exception):
+    """Raised by `Provider.submit`: the service cannot hold this job for its dependencies (now).
+
+    Nothing of the job may be left at the provider. The executor then keeps
+    the job in the client until its upstream jobs ended, and submits it
+    again without dependencies (or fails it, naming the upstream job).
+    """
 
 
 #: Every `Dependency.kind`.
@@ -227,6 +236,8 @@ class Provider(ABC):
         """Submit a job; return an opaque reference to it (stored in the manifest).
 
         Raises:
+            CannotHold: ``spec.depends_on`` asks for a hold the service cannot
+                give this job (the executor holds it in the client instead).
             SubmissionError: the provider refused the job, with its code; nothing
                 of it is left queued or running.
         """

@@ -92,8 +92,7 @@ class TestAzureContract(ExecutorContract):
 
     timeout_exit_code = 143  # the node sends SIGTERM at maxWallClockTime
     memory_limit = None  # Azure Batch sizes memory by VM, not per task
-    holds_dependents = False  # dependents wait in the client (Azure task dependencies stay within one job)
-    sequential_arrays = False
+    sequential_arrays = False  # Azure task dependencies stay within one job: not for array children yet
 
 
 class TestAzureProviderContract(ProviderContract):

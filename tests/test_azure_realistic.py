@@ -60,8 +60,7 @@ class TestAzureContractRealistic(RealisticContract):
 
     timeout_exit_code = 143
     memory_limit = None
-    holds_dependents = False  # dependents wait in the client (Azure task dependencies stay within one job)
-    sequential_arrays = False
+    sequential_arrays = False  # Azure task dependencies stay within one job: not for array children yet
 
     @pytest.fixture
     def make_executor(self, realistic_emu: Any) -> Iterator[Any]:

@@ -173,6 +173,7 @@ time.sleep(600)  # SIGKILLed here, before the chain ended
             ),
         ),
         "aws",
+        "azure",
     ],
 )
 def test_depend_chain_survives_its_sigkilled_client(kind: str, tmp_path: Path) -> None:

@@ -115,6 +115,18 @@ def task_id_for(index: int | None) -> str:
     return SINGLE_TASK_ID if index is None else str(AZURE_FIRST_CHILD_TASK_ID + index)
 
 
+#: Prefix of the reference of a job held as a task of its upstream job's Azure job.
+HOSTED_PREFIX = "task:"
+
+
+def hosted(ref: str) -> tuple[str, str] | None:
+    """``(host job id, task id)`` of a job run as a task of another job, else ``None``."""
+    if not ref.startswith(HOSTED_PREFIX):
+        return None
+    host, _, task_id = ref[len(HOSTED_PREFIX) :].partition("/")
+    return host, task_id
+
+
 def _parse_ref(ref: str) -> tuple[str, int | None]:
     """``(azure_job_id, array size or None)`` of a provider reference."""
     if ref.startswith("array:"):
@@ -291,8 +303,14 @@ class BulkDescribe:
 
     # -- describe -------------------------------------------------------------------
     def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
-        unique = list(dict.fromkeys(refs))
+        unique = [ref for ref in dict.fromkeys(refs) if hosted(ref) is None]
         out: dict[str, JobInfo] = {}
+        for ref in dict.fromkeys(refs):
+            where = hosted(ref)
+            if where is not None:
+                info = self.describe_hosted(*where)
+                if info is not None:
+                    out[ref] = info
         pending: list[str] = []
         with self._lock:
             for ref in unique:
@@ -499,6 +517,46 @@ class BulkDescribe:
         info = task_info(task, job_id, job)
         if remember:
             self._remember(job_id, info, final=_settled(task, job))
+        return info
+
+    def describe_hosted(self, host: str, task_id: str) -> JobInfo | None:
+        """A job held as task ``task_id`` of Azure job ``host`` (see `cloudexec.providers.azure`).
+
+        Azure never fails a task whose dependency failed: it stays ``active``
+        for ever. Such a task is reported failed, naming the dependency, and
+        terminated (so that its host job can complete).
+        """
+        try:
+            task = self.client.get_task(host, task_id, select=[*_TASK_SELECT, "dependsOn"])
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+        job = self._get_job(host) if task_status(task.state, None) is AzureJobStatus.ACTIVE or _ended(task) else None
+        info = task_info(task, host, job)
+        if info.status is AzureJobStatus.ACTIVE:
+            for dep_id in (task.depends_on.task_ids or []) if task.depends_on is not None else []:
+                try:
+                    dep = self.client.get_task(host, dep_id, select=_TASK_SELECT)
+                except Exception as exc:
+                    if _is_not_found(exc):
+                        continue
+                    raise
+                status = task_status(dep.state, dep.execution_info.result if dep.execution_info else None)
+                if status is AzureJobStatus.FAILED:
+                    try:
+                        self.client.terminate_task(host, task_id)
+                    except Exception as exc:  # noqa: BLE001 - reported failed either way; retried next poll
+                        if not (_is_not_found(exc) or getattr(exc, "status_code", None) == 409):
+                            raise
+                    failure = _failure_text(dep.execution_info.failure_info if dep.execution_info else None)
+                    info.status = AzureJobStatus.FAILED
+                    info.status_reason = (
+                        f"Dependency task {dep_id} of Azure job {host} failed"
+                        + (f" ({failure})" if failure else "")
+                        + "; Azure Batch blocks its dependents, so cloudexec terminated this task"
+                    )
+                    break
         return info
 
     def describe_children(self, ref: str, size: int) -> list[JobInfo | None]:

@@ -62,12 +62,16 @@ upload them. Files a job writes to
 ``future.download_output(name, dest)``.
 
 Futures passed as arguments: Azure Batch task dependencies exist only between
-tasks of one job created with ``usesTaskDependencies``, and each cloudexec
-call is an Azure job of its own, so this provider lists no
-``dependency_kinds``: the executor keeps a dependent in the client until its
-upstream jobs ended and then submits it (or fails it, naming them);
-``sequential=True`` is refused. docs/reference.md has the planned layout for
-holding them in the service.
+tasks of one job created with ``usesTaskDependencies`` (every job is, since it
+cannot be switched on later). A single job whose upstream jobs are single jobs
+of one Azure job (or are held in one, as here) is added as a task of that job,
+with the cloudexec job id as task id, its own environment, and ``dependsOn``
+their task ids; its reference is ``task:<azure job id>/<task id>``. Azure
+leaves a task whose dependency failed ``active`` for ever: describe reports it
+failed, naming the dependency, and terminates it. Any other dependent (an
+array, one waiting for an array or for several Azure jobs, or one whose host
+job completed meanwhile) is kept in the client until its upstream jobs ended;
+``sequential=True`` is refused.
 
 Provider references (kept in each job's manifest): the Azure job id for a
 single job, ``array:<jobId>/<size>`` for an array.
@@ -85,12 +89,13 @@ from typing import Any, cast
 
 from cloudexec._log import log
 from cloudexec._base import ArrayFuture, BatchExecutor, BatchFuture
-from cloudexec._provider import JobInfo, JobSpec, Provider
+from cloudexec._provider import CannotHold, JobInfo, JobSpec, Provider
 from cloudexec._version import __version__
 from cloudexec.errors import CloudExecError, StorageError, SubmissionError
 from cloudexec.providers import _azure_conventions as _conventions
 from cloudexec.providers._azure_describe import (  # task_status, task_info, array_info: public here too
     AZURE_FIRST_CHILD_TASK_ID,
+    HOSTED_PREFIX,
     SINGLE_TASK_ID,
     AzureJobStatus,
     BulkDescribe,
@@ -98,6 +103,7 @@ from cloudexec.providers._azure_describe import (  # task_status, task_info, arr
     _name,
     _parse_ref,
     array_info,
+    hosted,
     task_id_for,
     task_info,
     task_status,
@@ -200,6 +206,10 @@ class AzureBatchProvider(BulkDescribe, Provider):
     status_enum = AzureJobStatus
     settings = COMMON_SETTINGS | {"container_image", "priority", "tags"}
     poll_interval_s = (1.0, 15.0)
+    # Task dependencies by task id, within one Azure job: a single job waiting
+    # for single jobs (or for jobs held so) of one Azure job. Anything else is
+    # held in the client (`CannotHold`).
+    dependency_kinds = frozenset({"job"})
     #: Tasks per addtaskcollection request (Azure allows at most 100).
     tasks_per_request = MAX_TASKS_PER_REQUEST
 
@@ -335,6 +345,8 @@ class AzureBatchProvider(BulkDescribe, Provider):
             **self.task_environment,
             **spec.environment,
         }
+        if spec.depends_on:
+            return self._submit_hosted(spec, container, env)
         settings = spec.settings
         metadata = [m.BatchMetadataItem(name=URL_METADATA, value=spec.job_url)]
         metadata += [m.BatchMetadataItem(name=k, value=v) for k, v in sorted((settings.tags or {}).items())]
@@ -344,6 +356,8 @@ class AzureBatchProvider(BulkDescribe, Provider):
             "pool_info": m.BatchPoolInfo(pool_id=self.pool_id),
             "common_environment_settings": [m.EnvironmentSetting(name=k, value=v) for k, v in sorted(env.items())],
             "metadata": metadata,
+            # Set at creation or never: a later call may be held as a task of this job.
+            "uses_task_dependencies": True,
         }
         if settings.priority is not None:
             job_options["priority"] = azure_priority(settings.priority)
@@ -371,13 +385,60 @@ class AzureBatchProvider(BulkDescribe, Provider):
             raise _submission_error(job_id, exc, "add the tasks of", discarded=True) from exc
         return job_id if spec.array_size is None else f"array:{job_id}/{spec.array_size}"
 
-    def task_options(self, spec: JobSpec, index: int | None) -> Any:
-        """The ``BatchTaskCreateOptions`` of the single task (``index`` None) or of array child ``index``."""
+    def _submit_hosted(self, spec: JobSpec, container: str, env: dict[str, str]) -> str:
+        """Add a dependent single job as a task of its upstream job's Azure job; return its reference.
+
+        Raises:
+            CannotHold: the job is an array, waits for an array or for tasks
+                of several Azure jobs, or its host job no longer takes tasks.
+        """
+        m = self._models()
+        hosts: set[str] = set()
+        task_ids: list[str] = []
+        for dep in spec.depends_on:
+            where = hosted(dep.ref or "")
+            if where is None:
+                host, size = _parse_ref(dep.ref or "")
+                where = (host, SINGLE_TASK_ID) if size is None and dep.kind == "job" else None
+            if where is None or spec.array_size is not None:
+                self._remove_container(container)
+                raise CannotHold(f"job {spec.job_id}: Azure task dependencies cannot express {dep}")
+            hosts.add(where[0])
+            task_ids.append(where[1])
+        if len(hosts) != 1:
+            self._remove_container(container)
+            raise CannotHold(f"job {spec.job_id} waits for tasks of several Azure jobs: {sorted(hosts)}")
+        host = hosts.pop()
+        task = self.task_options(
+            spec,
+            None,
+            task_id=spec.job_id,
+            environment_settings=[m.EnvironmentSetting(name=k, value=v) for k, v in sorted(env.items())],
+            depends_on=m.BatchTaskDependencies(task_ids=task_ids),
+        )
+        try:
+            _resend_if_dropped(lambda: self.client.create_task(host, task), self.max_api_attempts, "TaskExists")
+        except Exception as exc:
+            self._remove_container(container)
+            code = _error_code(exc)
+            if code in ("JobCompleted", "JobBeingTerminated", "JobBeingDeleted", "JobNotFound"):
+                # The upstream job ended meanwhile: its result is (or will never be) stored.
+                raise CannotHold(f"job {spec.job_id}: its host job {host} takes no more tasks ({code})") from exc
+            raise _submission_error(spec.job_id, exc, f"add a task to {host} for") from exc
+        return f"{HOSTED_PREFIX}{host}/{spec.job_id}"
+
+    def task_options(self, spec: JobSpec, index: int | None, *, task_id: str | None = None, **extra: Any) -> Any:
+        """The ``BatchTaskCreateOptions`` of the single task (``index`` None) or of array child ``index``.
+
+        ``task_id`` replaces the usual id (a job held as a task of another
+        job); ``extra`` adds options (its environment, ``depends_on``).
+        """
         m = self._models()
         s = spec.settings
         options: dict[str, Any] = {
-            "id": task_id_for(index),
+            "id": task_id or task_id_for(index),
             "command_line": " ".join(shlex.quote(part) for part in spec.command),
+            **extra,
         }
         constraints: dict[str, Any] = {}
         if s.timeout_s is not None:
@@ -472,6 +533,10 @@ class AzureBatchProvider(BulkDescribe, Provider):
 
     # -- cancel -------------------------------------------------------------------------
     def cancel(self, ref: str, reason: str, *, index: int | None = None) -> None:
+        where = hosted(ref)
+        if where is not None:
+            self._terminate_task(*where)  # its host job belongs to the upstream job
+            return
         job_id, size = _parse_ref(ref)
         if index is not None:
             self._terminate_task(job_id, task_id_for(index))
@@ -488,19 +553,27 @@ class AzureBatchProvider(BulkDescribe, Provider):
             raise ValueError(f"stream must be 'stdout' or 'stderr'; got {stream!r}")
         job_id, _ = _parse_ref(ref)
         task_id = task_id_for(index)
+        container = _conventions.container_name(job_id)
+        where = hosted(ref)
+        if where is not None:
+            job_id, task_id = where
+            container = _conventions.container_name(task_id)  # the task id is its cloudexec job id
         try:
-            task = self.client.get_task(job_id, task_id, select=["id", "state"])
+            task = self.client.get_task(job_id, task_id, select=["id", "state", "executionInfo"])
         except Exception as exc:
             if not _is_not_found(exc):
                 raise
             task = None
         state = _name(task.state) if task is not None else None
         if state in (None, "completed"):
-            text = self._read_blob(f"{_conventions.container_name(job_id)}/{_conventions.log_blob(task_id, stream)}")
+            text = self._read_blob(f"{container}/{_conventions.log_blob(task_id, stream)}")
             if text is not None or task is None:
                 return text
         if state in ("active", "preparing"):
             return None
+        execution = getattr(task, "execution_info", None)
+        if task is not None and (execution is None or execution.start_time is None):
+            return None  # ended without ever running (terminated while queued): no node files
         try:
             chunks = self.client.download_task_file(job_id, task_id, f"{stream}.txt")
             return b"".join(chunks).decode("utf-8", errors="replace")
@@ -637,8 +710,12 @@ class AzureBatchFuture(BatchFuture[Any]):
 
     @property
     def provider_task_id(self) -> str:
-        """The Azure task id: ``"10000000"`` for a single job, ``10000001 + index`` for an array child."""
-        return task_id_for(self._index)
+        """The Azure task id: ``"10000000"`` for a single job, ``10000001 + index`` for an array child.
+
+        A job held as a task of its upstream job's Azure job has its job id as task id.
+        """
+        where = hosted(self._record.ref or "")
+        return where[1] if where is not None else task_id_for(self._index)
 
     def output_files(self) -> list[str]:
         """Names of the files the job wrote under ``./JobOutput/`` (uploaded when it ended), sorted.

@@ -15,11 +15,13 @@ How a dependent call travels::
       ▼
     runner: Upstream → up's stored result (verified with up's key)
 
-A provider whose service cannot hold a job for another (``dependency_kinds``
-empty) still gets pipelines: the manager keeps the dependent in the client
-until its upstream jobs ended (`waits_in_client`), then submits it without a
-dependency, or fails it. That does not outlive the client, and cannot run
-array children one after another (``sequential``), which is refused.
+Where the service cannot hold a job (a kind the provider does not list in
+``dependency_kinds``, a provider `submit` raising `CannotHold` for this job,
+or an upstream job itself kept in the client) the manager keeps the
+dependent in the client until its upstream jobs ended (`waits_in_client`),
+then submits it without a dependency, or fails it. That does not outlive the
+client, and cannot run array children one after another (``sequential``),
+which is refused at submit.
 
 A finished, successful future is simply replaced by its value. Only futures
 of the same executor (or one of its `with_settings` views) can be waited for:
@@ -39,7 +41,17 @@ from cloudexec.errors import JobFailedError
 if TYPE_CHECKING:
     from cloudexec._base import BatchFuture, _Core, _JobRecord
 
-__all__ = ["swap_futures", "plan_single", "plan_array", "depends_on", "waits_in_client", "upstream_hint"]
+__all__ = [
+    "swap_futures",
+    "expand_arrays",
+    "plan_single",
+    "plan_array",
+    "depends_on",
+    "submitted",
+    "hold_in_client",
+    "waits_in_client",
+    "upstream_hint",
+]
 
 
 def _succeeded(future: BatchFuture[Any]) -> bool:

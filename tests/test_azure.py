@@ -403,6 +403,9 @@ def test_describe_is_a_few_calls_per_poll(make_executor: Any, emu: AzureBatchEmu
     singles = [ex.submit(jobs.nap, 1.5) for _ in range(3)]
     queued = ex.with_settings(vcpus=SLOTS).submit(jobs.nap, 0.1)  # waits for the slots the others use
     arr = ex.submit_map(jobs.nap, [1.5])
+    # Every job handed to Azure (a loaded machine may still be submitting the
+    # last ones) and the first three running.
+    wait_until(lambda: all(f._record.ref for f in [*singles, queued, arr]), 20)
     wait_until(lambda: all(f.running() for f in singles), 20)
     # A provider of its own, so that the executor's poller does not add to the count.
     counting = _CountingClient(emu.batch_client())

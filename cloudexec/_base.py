@@ -98,6 +98,7 @@ class _JobRecord:
         self.first_missing: float | None = None
         self.attached = False  # re-attached jobs take no worker slot
         self.manifest_pending = False  # the provider's id is not in the stored manifest yet
+        self.stored = False  # call, inputs and manifest are written (a submission held back retries)
         # map()'s own array: its iterator takes each child's values, and the
         # array future keeps no list of them all (a 100,000-item map).
         self.streaming = False
@@ -521,7 +522,7 @@ class _Core:
     # Provider calls made on behalf of futures; they never raise.
     def describe_one(self, record: _JobRecord, index: int | None) -> JobInfo | None:
         if record.ref is None:
-            return None
+            return self.manager.waiting_info(record)
         try:
             if index is None:
                 return self.provider.describe([record.ref]).get(record.ref)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from cloudexec._log import log
 from cloudexec import _keys, _payload
 from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
-from cloudexec._provider import JobInfo, JobSpec, Phase
+from cloudexec._provider import CapacityReached, JobInfo, JobSpec, Phase
 from cloudexec._storage import Store
 from cloudexec.errors import CloudExecError, IntegrityError, JobUnreachableError, PayloadError, SubmissionError
 
@@ -96,6 +96,15 @@ def _naming_the_job(exc: BaseException, job_id: str) -> BaseException:
     return exc
 
 
+class _Hold:
+    """Submissions paused because the provider's capacity (a quota of active jobs) is reached."""
+
+    def __init__(self, reason: str, until: float, inflight: int) -> None:
+        self.reason = reason
+        self.until = until  # try again at this time (others' jobs may end too) …
+        self.inflight = inflight  # … or as soon as fewer of our jobs than this are in flight
+
+
 def future_done(record: _JobRecord) -> bool:
     return record.future is not None and record.future.done()
 
@@ -115,6 +124,9 @@ class Manager:
         self.broken: str | None = None  # why the thread died, once it did
         self.dispatching: _JobRecord | None = None  # the job being handed over right now
         self._job_stores: dict[str, Store] = {}
+        self.hold: _Hold | None = None
+        # Why queued jobs wait, while the provider's capacity keeps them back.
+        self.hold_reason: str | None = None
 
     # -- called from user threads ------------------------------------------
     def _check_alive(self) -> None:
@@ -164,6 +176,13 @@ class Manager:
             with self.cond:
                 self._job_stores.pop(record.job_id, None)
 
+    def waiting_info(self, record: _JobRecord) -> JobInfo | None:
+        """What a job not handed to the provider yet reads: why it waits, if it is held back."""
+        reason = self.hold_reason
+        if record.ref is None and reason is not None and not future_done(record):
+            return JobInfo(status_reason=reason)
+        return None
+
     def wake(self) -> None:
         """Make the manager look at its queue now (after a cancel)."""
         with self.cond:
@@ -208,7 +227,7 @@ class Manager:
         with self.cond:
             self.cond.notify_all()
             while self.thread is not None and self.thread.is_alive() and self.broken is None:
-                blocked = not self.queue or len(self._counted()) >= self.core.max_workers
+                blocked = not self.queue or len(self._counted()) >= self.core.max_workers or self._held()
                 if blocked and self.dispatching is None:
                     break
                 self.cond.wait(0.05)
@@ -268,13 +287,26 @@ class Manager:
             with self.cond:
                 if self.stopping and not self.queue and not self.inflight:
                     return
-                if self.queue and len(self._counted()) < self.core.max_workers:
+                if self.queue and len(self._counted()) < self.core.max_workers and not self._held():
                     continue
                 timeout = max(0.0, next_poll - time.monotonic()) if self.inflight else None
+                if self.queue and self.hold is not None:
+                    until = max(0.0, self.hold.until - time.monotonic())
+                    timeout = until if timeout is None else min(timeout, until)
                 self.cond.wait(timeout)
 
     def _counted(self) -> list[_JobRecord]:
         return [r for r in self.inflight.values() if not r.attached]
+
+    def _held(self) -> bool:
+        """Whether submissions still wait for the provider's capacity; call under ``cond``."""
+        hold = self.hold
+        if hold is None:
+            return False
+        if time.monotonic() >= hold.until or len(self._counted()) < hold.inflight:
+            self.hold = None  # one of our jobs ended, or the pause is over: try again
+            return False
+        return True
 
     def _break_all(self) -> None:
         with self.cond:
@@ -305,17 +337,30 @@ class Manager:
         deadline = time.monotonic() + _DISPATCH_SLICE_S
         while time.monotonic() < deadline:
             with self.cond:
-                if not self.queue or len(self._counted()) >= self.core.max_workers:
+                if not self.queue or len(self._counted()) >= self.core.max_workers or self._held():
                     return progressed
                 record = self.queue.popleft()
                 future = record.future
                 if future is None or future.cancelled():
+                    if record.stored:  # held back, then cancelled: it never reached the provider
+                        self._discard_stored(record)
                     continue
                 self.inflight[record.job_id] = record
                 self.dispatching = record
             progressed = True
             try:
                 self._submit(record)
+            except CapacityReached as exc:
+                # Not the job's failure: it waits, first in line, until the
+                # service takes jobs again.
+                with self.cond:
+                    self.inflight.pop(record.job_id, None)
+                    self.queue.appendleft(record)
+                    pause = min(max(exc.retry_after_s, self.min_interval), self.max_interval)
+                    self.hold = _Hold(exc.reason, time.monotonic() + pause, len(self._counted()))
+                    self.hold_reason = exc.reason
+                log.info("cloudexec: job %s waits: %s", record.job_id, exc.reason)
+                return progressed
             except BaseException as exc:  # noqa: BLE001 - the future carries it
                 with self.cond:
                     self.inflight.pop(record.job_id, None)
@@ -323,11 +368,20 @@ class Manager:
                 for fut in [record.future, *record.children]:
                     if fut is not None and not fut.done():
                         fut._finish(exception=exc)
+            else:
+                with self.cond:
+                    self.hold_reason = None
             finally:
                 with self.cond:
                     self.dispatching = None
                     self.cond.notify_all()
         return progressed
+
+    def _discard_stored(self, record: _JobRecord) -> None:
+        try:
+            record.store.child(record.job_id).delete("")
+        except Exception as exc:  # noqa: BLE001 - only storage left over
+            log.warning("cloudexec: could not remove the stored call of cancelled job %s: %s", record.job_id, exc)
 
     def _write_manifest(self, record: _JobRecord) -> None:
         manifest = _keys.sign_manifest(
@@ -339,14 +393,16 @@ class Manager:
         provider = self.core.provider
         store = self.job_store(record)
         try:
-            assert record.call is not None
-            store.write(_payload.CALL, record.call)
-            if record.inputs is not None:
-                store.write(_payload.INPUTS, record.inputs)
-            # The manifest goes first: once the provider has the job it may run,
-            # and attach() must find it from then on, even if this client dies
-            # before it learns the provider's id (written just below).
-            self._write_manifest(record)
+            if not record.stored:  # a job held back by the provider's capacity is stored already
+                assert record.call is not None
+                store.write(_payload.CALL, record.call)
+                if record.inputs is not None:
+                    store.write(_payload.INPUTS, record.inputs)
+                # The manifest goes first: once the provider has the job it may run,
+                # and attach() must find it from then on, even if this client dies
+                # before it learns the provider's id (written just below).
+                self._write_manifest(record)
+                record.stored = True
             spec = JobSpec(
                 job_id=record.job_id,
                 job_url=store.url,
@@ -360,13 +416,15 @@ class Manager:
             )
             try:
                 record.ref = provider.submit(spec)
-            except CloudExecError:
+            except (CloudExecError, CapacityReached):
                 raise
             except Exception as exc:
                 raise SubmissionError(
                     f"the {provider.name} provider did not accept job {record.job_id}: {type(exc).__name__}: {exc}",
                     job_id=record.job_id,
                 ) from exc
+        except CapacityReached:
+            raise  # submitted again later: what is stored stays
         except BaseException:
             # Nothing half-written: the job never reached the provider.
             try:

@@ -56,6 +56,10 @@ _PAGE = 1000  # tasks per list page (Azure's maximum)
 _TASK_SELECT = ["id", "state", "executionInfo", "nodeInfo", "requiredSlots"]
 _JOB_SELECT = ["id", "state", "executionInfo"]
 _LIST_JOB_SELECT = ["id", "state", "creationTime", "executionInfo"]
+_SHARED_TASK_SELECT = [*_TASK_SELECT, "stateTransitionTime"]
+# A shared job's tasks are listed from the latest state change seen, less this
+# margin: a list that lags a little behind still shows every change once.
+_SHARED_MARGIN = _dt.timedelta(seconds=60)
 _DESCRIBE_THREADS = 16
 #: Active single jobs whose task one poll GETs (the rest keep their last answer).
 _REFRESH_PER_POLL = 8
@@ -115,8 +119,27 @@ def task_id_for(index: int | None) -> str:
     return SINGLE_TASK_ID if index is None else str(AZURE_FIRST_CHILD_TASK_ID + index)
 
 
+#: Prefix of the reference of a single job run as a task of the executor's shared job.
+SHARED_REF = "task:"
+
+
+def shared_ref(job_id: str, task_id: str) -> str:
+    """The reference of task ``task_id`` of the shared job ``job_id``."""
+    return f"{SHARED_REF}{job_id}/{task_id}"
+
+
+def _task_of(ref: str) -> tuple[str, str]:
+    """``(azure_job_id, task_id)`` of a single job's reference (its own job, or the shared one)."""
+    if ref.startswith(SHARED_REF):
+        job_id, task_id = ref[len(SHARED_REF) :].split("/", 1)
+        return job_id, task_id
+    return ref, SINGLE_TASK_ID
+
+
 def _parse_ref(ref: str) -> tuple[str, int | None]:
     """``(azure_job_id, array size or None)`` of a provider reference."""
+    if ref.startswith(SHARED_REF):
+        return _task_of(ref)[0], None
     if ref.startswith("array:"):
         job_id, size = ref[len("array:") :].rsplit("/", 1)
         return job_id, int(size)
@@ -231,11 +254,8 @@ def array_info(job_id: str, size: int, counts: Any, job: Any = None) -> JobInfo:
 
 def _queued_info(ref: str) -> JobInfo:
     """What an active single job whose task was not fetched yet reads: ``Active``."""
-    return JobInfo(
-        status=AzureJobStatus.ACTIVE,
-        provider_job_id=_parse_ref(ref)[0],
-        extra={"provider_task_id": SINGLE_TASK_ID},
-    )
+    job_id, task_id = _task_of(ref)
+    return JobInfo(status=AzureJobStatus.ACTIVE, provider_job_id=job_id, extra={"provider_task_id": task_id})
 
 
 @dataclass
@@ -269,6 +289,8 @@ class BulkDescribe:
         self._threads: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
+        # Per shared job: list its tasks whose state changed since then.
+        self._shared_since: dict[str, _dt.datetime] = {}
 
     # -- helpers -------------------------------------------------------------------
     def _parallel(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -292,10 +314,13 @@ class BulkDescribe:
     # -- describe -------------------------------------------------------------------
     def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
         unique = list(dict.fromkeys(refs))
-        out: dict[str, JobInfo] = {}
+        shared = [ref for ref in unique if ref.startswith(SHARED_REF)]
+        out: dict[str, JobInfo] = self._describe_shared(shared) if shared else {}
         pending: list[str] = []
         with self._lock:
             for ref in unique:
+                if ref.startswith(SHARED_REF):
+                    continue
                 seen = self._seen.get(_parse_ref(ref)[0])
                 if seen is not None and seen.final is not None:
                     out[ref] = seen.final
@@ -308,6 +333,61 @@ class BulkDescribe:
             return out
         if pending:
             out.update(self._describe_listed(pending))
+        return out
+
+    def _describe_shared(self, refs: Sequence[str]) -> dict[str, JobInfo]:
+        """Describe tasks of shared jobs: one ``list_tasks`` per shared job, of the tasks that changed.
+
+        The list asks for the tasks whose ``stateTransitionTime`` is at or
+        after the latest change seen by the previous list (less
+        `_SHARED_MARGIN`): a poll pays one call plus one per 1,000 tasks that
+        changed, however many wait. A task not in the answer keeps its last
+        state (``Active`` until first seen otherwise); a completed one is never
+        asked about again.
+        """
+        out: dict[str, JobInfo] = {}
+        by_job: dict[str, list[tuple[str, str]]] = {}
+        with self._lock:
+            for ref in refs:
+                seen = self._seen.get(ref)
+                if seen is not None and seen.final is not None:
+                    out[ref] = seen.final
+                else:
+                    job_id, task_id = _task_of(ref)
+                    by_job.setdefault(job_id, []).append((ref, task_id))
+        for job_id, items in by_job.items():
+            since = self._shared_since.get(job_id)
+            stamp = since.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if since else None
+            try:
+                tasks = list(
+                    self.client.list_tasks(
+                        job_id,
+                        filter=f"stateTransitionTime ge DateTime'{stamp}'" if stamp else None,
+                        select=_SHARED_TASK_SELECT,
+                        max_results=_PAGE,
+                    )
+                )
+            except Exception as exc:
+                if _is_not_found(exc):
+                    continue  # the shared job is gone: its tasks read unknown
+                raise
+            changes = [t.state_transition_time for t in tasks if t.state_transition_time is not None]
+            if changes:
+                bound = max(changes) - _SHARED_MARGIN
+                if since is None or bound > since:
+                    self._shared_since[job_id] = bound
+            with self._lock:
+                # Every task listed is remembered, asked about or not: the next
+                # list starts after these changes.
+                for task in tasks:
+                    info = task_info(task, job_id)
+                    seen = self._entry(shared_ref(job_id, str(task.id)))
+                    seen.info = info
+                    if info.terminal:
+                        seen.final = info
+                for ref, _task_id in items:
+                    seen = self._seen.get(ref)
+                    out[ref] = seen.info if seen is not None and seen.info is not None else _queued_info(ref)
         return out
 
     def _describe_listed(self, refs: Sequence[str]) -> dict[str, JobInfo]:
@@ -472,6 +552,8 @@ class BulkDescribe:
             raise
 
     def _describe_ref(self, ref: str) -> JobInfo | None:
+        if ref.startswith(SHARED_REF):
+            return self._describe_shared([ref]).get(ref)
         job_id, size = _parse_ref(ref)
         if size is None:
             return self._describe_task(job_id, SINGLE_TASK_ID, remember=True)

@@ -93,6 +93,7 @@ class _JobRecord:
         self.future: BatchFuture[Any] | None = None
         self.children: list[BatchFuture[Any]] = []
         self.children_done: set[int] = set()
+        self.done_below = 0  # every child below this index has its result: results are listed from here
         self.deferred: set[int] = set()  # children whose stored result is an error, kept until the end
         self.missing_polls = 0
         self.first_missing: float | None = None
@@ -453,6 +454,18 @@ def check_poll_interval(value: object) -> tuple[float, float]:
     return first, longest
 
 
+#: Most children a map gets when no ``chunksize`` is given: one AWS Batch array
+#: job's worth. Every child pays a container start and a few storage calls,
+#: so beyond this, items share children rather than add them.
+DEFAULT_MAX_CHILDREN = 10_000
+
+
+def default_chunksize(n_items: int) -> int:
+    """Items per child for a map of ``n_items`` without a ``chunksize``: 1 up to
+    `DEFAULT_MAX_CHILDREN` items, then as few as keep it to that many children."""
+    return max(1, math.ceil(n_items / DEFAULT_MAX_CHILDREN))
+
+
 def _default_name(fn: Callable[..., Any]) -> str:
     target = getattr(fn, "func", fn)  # functools.partial
     return str(getattr(target, "__name__", None) or type(target).__name__)
@@ -714,14 +727,16 @@ class BatchExecutor(Executor):
         return future
 
     def submit_map(
-        self, fn: Callable[..., T], *iterables: Iterable[Any], chunksize: int = 1, progress: bool = False
+        self, fn: Callable[..., T], *iterables: Iterable[Any], chunksize: int | None = None, progress: bool = False
     ) -> ArrayFuture[T]:
         """Submit ``fn`` over the zipped iterables as ONE array job.
 
         Args:
             fn: the function, called as ``fn(*items)``.
             *iterables: argument iterables, consumed now (like ``map``).
-            chunksize: items per array child.
+            chunksize: items per array child; default: 1, or as many as keep
+                the map to `DEFAULT_MAX_CHILDREN` children (one AWS array job)
+                when it has more items than that.
             progress: show a tqdm bar of the array's children (queued,
                 running, succeeded, failed) until it ends; needs ``tqdm``.
 
@@ -740,7 +755,7 @@ class BatchExecutor(Executor):
         self,
         fn: Callable[..., T],
         iterables: tuple[Iterable[Any], ...],
-        chunksize: int,
+        chunksize: int | None,
         *,
         streaming: bool,
         progress: bool = False,
@@ -748,11 +763,13 @@ class BatchExecutor(Executor):
         tqdm_class = _progress.load_tqdm() if progress else None
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {fn!r} ({type(fn).__name__})")
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-            raise TypeError(f"chunksize must be an int; got {chunksize!r}")
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1")
+        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)):
+            raise TypeError(f"chunksize must be an int or None; got {chunksize!r}")
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1 (items per array child); got {chunksize!r}")
         items = list(zip(*iterables))
+        if chunksize is None:
+            chunksize = default_chunksize(len(items))
         chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
         pickled = [_payload.dumps_chunk(c) for c in chunks]
         name = self._settings.job_name or _default_name(fn)
@@ -810,7 +827,7 @@ class BatchExecutor(Executor):
         fn: Callable[..., T],
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         progress: bool = False,
     ) -> Iterator[T]:
         """Like ``ProcessPoolExecutor.map``, as one array job.
@@ -818,7 +835,7 @@ class BatchExecutor(Executor):
         Results are yielded in order; a call's exception is raised when the
         iteration reaches it; ``TimeoutError`` if a result is not ready
         ``timeout`` seconds after this call. Leaving the loop early cancels
-        what has not finished. ``progress=True`` shows a tqdm bar (see
+        what has not finished. ``chunksize`` as for `submit_map`. ``progress=True`` shows a tqdm bar (see
         `submit_map`).
         """
         end_time = None if timeout is None else timeout + time.monotonic()

@@ -696,7 +696,13 @@ class Manager:
         """
         store = self.job_store(record)
         changed = False
-        names = store.list(_payload.RESULTS_DIR)
+        # Only the names after the last child every earlier one of which has its
+        # result: a poll lists what is new (plus the few children that ended out
+        # of order), not all N names again.
+        while record.done_below in record.children_done:
+            record.done_below += 1
+        start_after = _payload.result_name(record.done_below - 1) if record.done_below else None
+        names = store.list(_payload.RESULTS_DIR, start_after=start_after)
         for name in names:
             stem = name[:-4] if name.endswith(".pkl") else None
             if stem is None or not stem.isdigit():

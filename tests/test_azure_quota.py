@@ -22,7 +22,7 @@ from azure.core.exceptions import HttpResponseError, ResourceExistsError  # noqa
 
 from cloudexec.providers.azure import QUOTA_REACHED, AzureBatchExecutor  # noqa: E402
 from cloudexec.testing.azure import AzureBatchEmulator, azure_batch_emulator  # noqa: E402
-from contract import executor_factory, wait_until  # noqa: E402
+from contract import count_polls, executor_factory, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.azure
 
@@ -150,8 +150,16 @@ def test_shared_job_runs_many_submits_as_tasks_of_one_job(
     _wait_quota_free(batch)
     before = _job_ids(batch)
     ex = make_executor(shared_job=True)
+    polls = count_polls(ex)
+    calls = emu.api_calls
     futures = [ex.submit(jobs.double, i) for i in range(10)]
     assert [f.result(timeout=90) for f in futures] == [2 * i for i in range(10)]
+    after = emu.api_calls
+    # A poll of the ten tasks is ONE list of the shared job's tasks that changed:
+    # no list of jobs, no GET per task.
+    assert after["create_job"] - calls["create_job"] == 1
+    assert 0 < after["list_tasks"] - calls["list_tasks"] <= polls[0]
+    assert after["get_task"] == calls["get_task"] and after["list_jobs"] == calls["list_jobs"]
     created = _job_ids(batch) - before
     assert len(created) == 1  # not 10 jobs: one quota slot
     (shared,) = created

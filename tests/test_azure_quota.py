@@ -216,3 +216,21 @@ def test_task_collections_hold_at_most_100_tasks_and_split_below_1_mib(
     assert emu.api_calls["create_task_collection"] - before == 3
     assert len(list(batch.list_tasks(big.job_id, select=["id"]))) == 100
     big.cancel()
+
+
+@pytest.mark.timeout(120)
+def test_a_polled_map_costs_its_task_counts_and_the_job_only_when_they_stand_still(
+    make_executor: Any, emu: AzureBatchEmulator, batch: Any
+) -> None:
+    _wait_quota_free(batch)
+    ex = make_executor()
+    polls = count_polls(ex)
+    calls = emu.api_calls
+    assert list(ex.map(jobs.double, range(8))) == [2 * i for i in range(8)]
+    ex.shutdown(wait=True)
+    after = emu.api_calls
+    counts = after["get_job_task_counts"] - calls["get_job_task_counts"]
+    job_gets = after["get_job"] - calls["get_job"]
+    assert 0 < counts <= polls[0]  # one taskcounts per poll
+    assert job_gets < counts  # the job is asked only on polls whose counts did not move
+    assert after["list_tasks"] == calls["list_tasks"] and after["list_jobs"] == calls["list_jobs"]

@@ -20,9 +20,13 @@ list does not show (deleted, or created before a client clock far off) and a
 lone job asked about (a property read) are asked about directly: a GET of its
 task, plus one of its job while the task is queued (a terminated job leaves
 its queued task ``active`` for ever, so only the job tells it ended); an
-array's ``taskcounts`` plus its job until every task completed. Those calls go
-out on a few threads at once. When an array ends, its tasks are listed in
-pages of 1,000 (``$select`` keeps the bodies small).
+array's ``taskcounts``, plus its job when the counts did not move since the
+last look (a terminated job's counts stop) or it ended with failed tasks: a
+map being polled costs one call per poll while its tasks progress. Those calls
+go out on a few threads at once. When an array ends, its tasks are listed in
+pages of 1,000 (``$select`` keeps the bodies small). Tasks of the executor's
+shared job (``shared_job=True``) cost one ``list_tasks`` per poll of the tasks
+whose state changed (see `BulkDescribe._describe_shared`).
 
 Status reasons come from the task's ``failureInfo`` (code, message and its
 ``Message`` detail, e.g. ``TaskEnded: … (The maximum execution time configured
@@ -291,6 +295,8 @@ class BulkDescribe:
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
         # Per shared job: list its tasks whose state changed since then.
         self._shared_since: dict[str, _dt.datetime] = {}
+        # Per array: its task counts at the last look (active, running, completed, failed).
+        self._array_counts: OrderedDict[str, tuple[int, int, int, int]] = OrderedDict()
 
     # -- helpers -------------------------------------------------------------------
     def _parallel(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -561,9 +567,19 @@ class BulkDescribe:
         if counts is None:
             return None
         tc = counts.task_counts
+        now = (tc.active, tc.running, tc.completed, tc.failed)
+        with self._lock:
+            before, self._array_counts[ref] = self._array_counts.get(ref), now
+            while len(self._array_counts) > _SEEN_MAX:
+                self._array_counts.pop(next(iter(self._array_counts)))
         # The job tells whether it was terminated (and why): needed until every
         # task completed, and once more when some failed (killed by a terminate?).
-        job = self._get_job(job_id) if tc.completed < size or tc.failed else None
+        # While the counts move the job is plainly running its tasks, so a poll
+        # then costs the counts alone; a terminate stops them moving, and the
+        # next poll asks the job.
+        moving = before is not None and before != now
+        wanted = (tc.completed < size and not moving) or (tc.completed >= size and tc.failed)
+        job = self._get_job(job_id) if wanted else None
         return array_info(job_id, size, counts, job)
 
     def _describe_task(self, job_id: str, task_id: str, *, remember: bool = False) -> JobInfo | None:

@@ -4,8 +4,12 @@ Economy matters more than latency here: cloud batch APIs are rate limited
 (AWS allows about 50 Batch calls per second per account), so the manager asks
 the provider about *all* jobs in flight with one bulk `Provider.describe` per
 poll, learns about finished array children by listing the ``results/`` folder
-(one LIST per 1,000 children) instead of describing each child, and backs off
+instead of describing each child (only the names after the last child every
+earlier one of which has its result: one LIST per 1,000 new names, not per
+1,000 children) and reads the new results in one bulk read, and backs off
 from the provider's first to its longest poll interval while nothing changes.
+A provider whose quota of active jobs is reached (`CapacityReached`) holds
+the queue back until one of the executor's jobs ended, without failing a job.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ _MIN_FAILURES = 3
 _SETTLE_S = 3.0
 # What `_read_outcomes` returns for a result object that is not settled yet.
 _UNSETTLED = object()
+# `_read_outcomes` without bytes read already: it reads the object itself.
+_UNREAD = object()
 
 
 _LIVE: weakref.WeakSet[Manager] = weakref.WeakSet()
@@ -625,8 +631,12 @@ class Manager:
             return True
         return False
 
-    def _read_outcomes(self, record: _JobRecord, index: int | None) -> Any:
+    def _read_outcomes(self, record: _JobRecord, index: int | None, fetched: Any = _UNREAD) -> Any:
         """A stored result, verified before it is unpickled.
+
+        Args:
+            fetched: the object's bytes (``None``: absent) when read already,
+                in a bulk read of many results.
 
         Returns:
             Its list of outcomes; ``None`` if there is none; the error refusing
@@ -636,10 +646,14 @@ class Manager:
         Raises:
             Exception: the storage failed (the caller counts it and retries).
         """
-        try:
-            data = self.job_store(record).read(_payload.result_key(index))
-        except FileNotFoundError:
+        if fetched is _UNREAD:
+            try:
+                fetched = self.job_store(record).read(_payload.result_key(index))
+            except FileNotFoundError:
+                return None
+        if fetched is None:
             return None
+        data: bytes = fetched
         try:
             body = _payload.verify_result(self.core.keys.job_keys(record.job_id), record.job_id, index, data)
         except IntegrityError as exc:
@@ -703,6 +717,7 @@ class Manager:
             record.done_below += 1
         start_after = _payload.result_name(record.done_below - 1) if record.done_below else None
         names = store.list(_payload.RESULTS_DIR, start_after=start_after)
+        new: list[int] = []
         for name in names:
             stem = name[:-4] if name.endswith(".pkl") else None
             if stem is None or not stem.isdigit():
@@ -710,7 +725,16 @@ class Manager:
             index = int(stem)
             if index in record.children_done or index >= len(record.children):
                 continue
-            outcomes = self._read_outcomes(record, index)
+            new.append(index)
+        # The new results in one bulk read (concurrent GETs on object stores).
+        fetched = store.read_many([_payload.result_key(i) for i in new]) if new else {}
+        failed: Exception | None = None
+        for index in new:
+            data = fetched.get(_payload.result_key(index))
+            if isinstance(data, Exception):
+                failed = failed or data  # read again at the next poll; the others are delivered now
+                continue
+            outcomes = self._read_outcomes(record, index, data)
             if outcomes is None or outcomes is _UNSETTLED:
                 continue
             if isinstance(outcomes, list) and not (final or accept_errors) and any(o[0] != "ok" for o in outcomes):
@@ -719,6 +743,10 @@ class Manager:
             record.deferred.discard(index)
             self._finish_child(record, index, outcomes)
             changed = True
+        if failed is not None:
+            # Counted as a failed look at the job (and retried): a child whose
+            # result could not be read now must not count as missing.
+            raise failed
         if final:
             missing = [
                 i for i in range(len(record.children)) if i not in record.children_done and i not in record.unverified

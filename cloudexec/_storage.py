@@ -32,6 +32,15 @@ class Store(Protocol):
     def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         """Read the object (or the byte range ``[start, end)``); FileNotFoundError if absent."""
 
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None | Exception]:
+        """Read many whole objects at once.
+
+        Returns:
+            Per key its bytes, ``None`` if it is absent, or the error reading it
+            raised (the others are still read: one failed read does not hold
+            back the rest).
+        """
+
     def exists(self, key: str) -> bool:
         """Whether an object exists under ``key``."""
 
@@ -89,6 +98,17 @@ class LocalStore:
             fh.seek(start or 0)
             return fh.read(-1 if end is None else end - (start or 0))
 
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None | Exception]:
+        out: dict[str, bytes | None | Exception] = {}
+        for key in keys:
+            try:
+                out[key] = self.read(key)
+            except FileNotFoundError:
+                out[key] = None
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, per key
+                out[key] = exc
+        return out
+
     def exists(self, key: str) -> bool:
         return os.path.exists(self._p(key))
 
@@ -136,6 +156,28 @@ class FsspecStore:
     def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         data: bytes = self.fs.cat_file(self._p(key), start=start, end=end)
         return data
+
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None | Exception]:
+        if len(keys) == 1:
+            try:
+                return {keys[0]: self.read(keys[0])}
+            except FileNotFoundError:
+                return {keys[0]: None}
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, per key
+                return {keys[0]: exc}
+        paths = {self._p(key): key for key in keys}
+        # fsspec's bulk cat: s3fs and adlfs send the GETs concurrently.
+        answers = self.fs.cat(list(paths), on_error="return")
+        out: dict[str, bytes | None | Exception] = {}
+        for path, key in paths.items():
+            answer = answers.get(path, answers.get(self.fs._strip_protocol(path)))
+            if isinstance(answer, FileNotFoundError) or answer is None:
+                out[key] = None
+            elif isinstance(answer, Exception):
+                out[key] = answer
+            else:
+                out[key] = bytes(answer)
+        return out
 
     def exists(self, key: str) -> bool:
         path = self._p(key)

@@ -116,3 +116,12 @@ def test_local_store_lists_after_a_name(tmp_path: Any) -> None:
 def test_default_chunksize_keeps_a_map_to_one_array_job(n_items: int, chunksize: int) -> None:
     assert default_chunksize(n_items) == chunksize
     assert math.ceil(n_items / chunksize) <= DEFAULT_MAX_CHILDREN
+
+
+def test_fsspec_store_reads_many_objects_in_one_go() -> None:
+    # Absent objects read None; an object that cannot be read now reads its error.
+    store = FsspecStore(f"memory://economy-{id(object())}")
+    store.write("a", b"1")
+    store.write("b", b"2")
+    assert store.read_many(["a", "b", "missing"]) == {"a": b"1", "b": b"2", "missing": None}
+    assert store.read_many(["missing"]) == {"missing": None}

@@ -93,11 +93,13 @@ class _JobRecord:
         self.future: BatchFuture[Any] | None = None
         self.children: list[BatchFuture[Any]] = []
         self.children_done: set[int] = set()
+        self.done_below = 0  # every child below this index has its result: results are listed from here
         self.deferred: set[int] = set()  # children whose stored result is an error, kept until the end
         self.missing_polls = 0
         self.first_missing: float | None = None
         self.attached = False  # re-attached jobs take no worker slot
         self.manifest_pending = False  # the provider's id is not in the stored manifest yet
+        self.stored = False  # call, inputs and manifest are written (a submission held back retries)
         # map()'s own array: its iterator takes each child's values, and the
         # array future keeps no list of them all (a 100,000-item map).
         self.streaming = False
@@ -458,6 +460,18 @@ def check_poll_interval(value: object) -> tuple[float, float]:
     return first, longest
 
 
+#: Most children a map gets when no ``chunksize`` is given: one AWS Batch array
+#: job's worth. Every child pays a container start and a few storage calls,
+#: so beyond this, items share children rather than add them.
+DEFAULT_MAX_CHILDREN = 10_000
+
+
+def default_chunksize(n_items: int) -> int:
+    """Items per child for a map of ``n_items`` without a ``chunksize``: 1 up to
+    `DEFAULT_MAX_CHILDREN` items, then as few as keep it to that many children."""
+    return max(1, math.ceil(n_items / DEFAULT_MAX_CHILDREN))
+
+
 def _default_name(fn: Callable[..., Any]) -> str:
     target = getattr(fn, "func", fn)  # functools.partial
     return str(getattr(target, "__name__", None) or type(target).__name__)
@@ -527,7 +541,7 @@ class _Core:
     # Provider calls made on behalf of futures; they never raise.
     def describe_one(self, record: _JobRecord, index: int | None) -> JobInfo | None:
         if record.ref is None:
-            return None
+            return self.manager.waiting_info(record)
         try:
             if index is None:
                 return self.provider.describe([record.ref]).get(record.ref)
@@ -739,7 +753,7 @@ class BatchExecutor(Executor):
         self,
         fn: Callable[..., T],
         *iterables: Iterable[Any],
-        chunksize: int = 1,
+        chunksize: int | None = None,
         progress: bool = False,
         sequential: bool = False,
     ) -> ArrayFuture[T]:
@@ -754,7 +768,9 @@ class BatchExecutor(Executor):
             fn: the function, called as ``fn(*items)``.
             *iterables: argument iterables, consumed now (like ``map``), or
                 `ArrayFuture` objects (submitted with ``chunksize=1``).
-            chunksize: items per array child.
+            chunksize: items per array child; default: 1, or as many as keep
+                the map to `DEFAULT_MAX_CHILDREN` children (one AWS array job)
+                when it has more items than that.
             progress: show a tqdm bar of the array's children (queued,
                 running, succeeded, failed) until it ends; needs ``tqdm``.
             sequential: run the children one after another, in index order,
@@ -777,7 +793,7 @@ class BatchExecutor(Executor):
         self,
         fn: Callable[..., T],
         iterables: tuple[Iterable[Any], ...],
-        chunksize: int,
+        chunksize: int | None,
         *,
         streaming: bool,
         progress: bool = False,
@@ -786,11 +802,13 @@ class BatchExecutor(Executor):
         tqdm_class = _progress.load_tqdm() if progress else None
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {fn!r} ({type(fn).__name__})")
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-            raise TypeError(f"chunksize must be an int; got {chunksize!r}")
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1")
+        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)):
+            raise TypeError(f"chunksize must be an int or None; got {chunksize!r}")
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1 (items per array child); got {chunksize!r}")
         items = list(zip(*_depends.expand_arrays(iterables)))
+        if chunksize is None:
+            chunksize = default_chunksize(len(items))
         chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
         per_child: list[dict[int, BatchFuture[Any]]] = [{} for _ in chunks]
         chunks = [_depends.swap_futures(self._core, c, found) for c, found in zip(chunks, per_child)]
@@ -851,7 +869,7 @@ class BatchExecutor(Executor):
         fn: Callable[..., T],
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         progress: bool = False,
     ) -> Iterator[T]:
         """Like ``ProcessPoolExecutor.map``, as one array job.
@@ -859,7 +877,7 @@ class BatchExecutor(Executor):
         Results are yielded in order; a call's exception is raised when the
         iteration reaches it; ``TimeoutError`` if a result is not ready
         ``timeout`` seconds after this call. Leaving the loop early cancels
-        what has not finished. ``progress=True`` shows a tqdm bar (see
+        what has not finished. ``chunksize`` as for `submit_map`. ``progress=True`` shows a tqdm bar (see
         `submit_map`).
         """
         end_time = None if timeout is None else timeout + time.monotonic()

@@ -286,7 +286,7 @@ def open_sealed(
         keys: the job's key, or its keys under every master key (rotation).
         kind, job_id, index: what the object must be (see `seal`).
         data: the stored bytes.
-        what: the object's name for messages (e.g. ``"results/3.pkl"``).
+        what: the object's name for messages (e.g. ``"results/0000003.pkl"``).
 
     Raises:
         IntegrityError: unsigned, truncated, tampered with, copied from

@@ -15,7 +15,10 @@ Layout of one job, below the executor's storage root (``io_url``)::
                           object, with an offset table so that child i reads
                           just its own byte range (see `pack_inputs`)
         result.pkl        single job: envelope of a list with one outcome
-        results/<i>.pkl   array child i: envelope of its chunk's outcomes
+        results/<i>.pkl   array child i: envelope of its chunk's outcomes; <i> is
+                          zero-padded to 7 digits (0000012.pkl), so that names
+                          sort as indices do and a poller lists only the names
+                          after the last child it has all results below
 
 A future passed as an argument travels as an `Upstream` placeholder (the
 upstream job's id, and which of its results); the runner puts the upstream's
@@ -100,9 +103,18 @@ def check_job_id(job_id: object, *, what: str = "job id") -> str:
     return job_id
 
 
+#: Digits of an array child's result name: arrays hold at most 10,000,000 children.
+RESULT_DIGITS = 7
+
+
+def result_name(index: int) -> str:
+    """Name of array child ``index``'s result object in ``results/``: ``0000012.pkl``."""
+    return f"{index:0{RESULT_DIGITS}d}.pkl"
+
+
 def result_key(index: int | None) -> str:
-    """Storage key of a job's result: ``result.pkl`` or ``results/<index>.pkl``."""
-    return RESULT if index is None else f"{RESULTS_DIR}/{index}.pkl"
+    """Storage key of a job's result: ``result.pkl`` or ``results/<index, 7 digits>.pkl``."""
+    return RESULT if index is None else f"{RESULTS_DIR}/{result_name(index)}"
 
 
 def _dill() -> Any:

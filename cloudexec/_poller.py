@@ -4,8 +4,12 @@ Economy matters more than latency here: cloud batch APIs are rate limited
 (AWS allows about 50 Batch calls per second per account), so the manager asks
 the provider about *all* jobs in flight with one bulk `Provider.describe` per
 poll, learns about finished array children by listing the ``results/`` folder
-(one LIST per 1,000 children) instead of describing each child, and backs off
+instead of describing each child (only the names after the last child every
+earlier one of which has its result: one LIST per 1,000 new names, not per
+1,000 children) and reads the new results in one bulk read, and backs off
 from the provider's first to its longest poll interval while nothing changes.
+A provider whose quota of active jobs is reached (`CapacityReached`) holds
+the queue back until one of the executor's jobs ended, without failing a job.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from cloudexec._log import log
 from cloudexec import _depends, _keys, _payload
 from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
-from cloudexec._provider import CannotHold, JobInfo, JobSpec, Phase
+from cloudexec._provider import CannotHold, CapacityReached, JobInfo, JobSpec, Phase
 from cloudexec._storage import Store
 from cloudexec.errors import CloudExecError, IntegrityError, JobUnreachableError, PayloadError, SubmissionError
 
@@ -45,6 +49,8 @@ _MIN_FAILURES = 3
 _SETTLE_S = 3.0
 # What `_read_outcomes` returns for a result object that is not settled yet.
 _UNSETTLED = object()
+# `_read_outcomes` without bytes read already: it reads the object itself.
+_UNREAD = object()
 
 
 _LIVE: weakref.WeakSet[Manager] = weakref.WeakSet()
@@ -96,6 +102,15 @@ def _naming_the_job(exc: BaseException, job_id: str) -> BaseException:
     return exc
 
 
+class _Hold:
+    """Submissions paused because the provider's capacity (a quota of active jobs) is reached."""
+
+    def __init__(self, reason: str, until: float, inflight: int) -> None:
+        self.reason = reason
+        self.until = until  # try again at this time (others' jobs may end too) …
+        self.inflight = inflight  # … or as soon as fewer of our jobs than this are in flight
+
+
 def future_done(record: _JobRecord) -> bool:
     return record.future is not None and record.future.done()
 
@@ -117,6 +132,9 @@ class Manager:
         self.broken: str | None = None  # why the thread died, once it did
         self.dispatching: _JobRecord | None = None  # the job being handed over right now
         self._job_stores: dict[str, Store] = {}
+        self.hold: _Hold | None = None
+        # Why queued jobs wait, while the provider's capacity keeps them back.
+        self.hold_reason: str | None = None
 
     # -- called from user threads ------------------------------------------
     def _check_alive(self) -> None:
@@ -166,6 +184,13 @@ class Manager:
             with self.cond:
                 self._job_stores.pop(record.job_id, None)
 
+    def waiting_info(self, record: _JobRecord) -> JobInfo | None:
+        """What a job not handed to the provider yet reads: why it waits, if it is held back."""
+        reason = self.hold_reason
+        if record.ref is None and reason is not None and not future_done(record):
+            return JobInfo(status_reason=reason)
+        return None
+
     def wake(self) -> None:
         """Make the manager look at its queue now (after a cancel)."""
         with self.cond:
@@ -211,7 +236,7 @@ class Manager:
         with self.cond:
             self.cond.notify_all()
             while self.thread is not None and self.thread.is_alive() and self.broken is None:
-                blocked = not self._can_dispatch()
+                blocked = not self._can_dispatch() or self._held()
                 if blocked and self.dispatching is None:
                     break
                 self.cond.wait(0.05)
@@ -286,12 +311,15 @@ class Manager:
             with self.cond:
                 if self.stopping and not self.queue and not self.inflight and not self.waiting:
                     return
-                if self._can_dispatch():
+                if self._can_dispatch() and not self._held():
                     continue
                 kinds = self.core.provider.dependency_kinds
                 if any(not _depends.waits_in_client(r, kinds) for r in self.waiting):
                     continue  # an upstream job ended in this poll: its dependents go out now
                 timeout = max(0.0, next_poll - time.monotonic()) if self.inflight else None
+                if self.queue and self.hold is not None:
+                    until = max(0.0, self.hold.until - time.monotonic())
+                    timeout = until if timeout is None else min(timeout, until)
                 self.cond.wait(timeout)
 
     def _counted(self) -> list[_JobRecord]:
@@ -312,6 +340,16 @@ class Manager:
         return _depends.waits_in_client(head, kinds) or any(
             kind in kinds and kind != "sequential" and f is not None and not f.done() for kind, f in head.depends
         )
+
+    def _held(self) -> bool:
+        """Whether submissions still wait for the provider's capacity; call under ``cond``."""
+        hold = self.hold
+        if hold is None:
+            return False
+        if time.monotonic() >= hold.until or len(self._counted()) < hold.inflight:
+            self.hold = None  # one of our jobs ended, or the pause is over: try again
+            return False
+        return True
 
     def _break_all(self) -> None:
         with self.cond:
@@ -349,11 +387,13 @@ class Manager:
                 self.queue.extendleft(reversed(ready))  # they were queued before what is queued now
         while time.monotonic() < deadline:
             with self.cond:
-                if not self._can_dispatch():
+                if not self._can_dispatch() or self._held():
                     return progressed
                 record = self.queue.popleft()
                 future = record.future
                 if future is None or future.cancelled():
+                    if record.stored:  # held back, then cancelled: it never reached the provider
+                        self._discard_stored(record)
                     continue
                 if _depends.waits_in_client(record, kinds):
                     self.waiting.append(record)
@@ -369,6 +409,17 @@ class Manager:
                     self.inflight.pop(record.job_id, None)
                     self._job_stores.pop(record.job_id, None)
                     self.waiting.append(record)
+            except CapacityReached as exc:
+                # Not the job's failure: it waits, first in line, until the
+                # service takes jobs again.
+                with self.cond:
+                    self.inflight.pop(record.job_id, None)
+                    self.queue.appendleft(record)
+                    pause = min(max(exc.retry_after_s, self.min_interval), self.max_interval)
+                    self.hold = _Hold(exc.reason, time.monotonic() + pause, len(self._counted()))
+                    self.hold_reason = exc.reason
+                log.info("cloudexec: job %s waits: %s", record.job_id, exc.reason)
+                return progressed
             except BaseException as exc:  # noqa: BLE001 - the future carries it
                 with self.cond:
                     self.inflight.pop(record.job_id, None)
@@ -376,11 +427,20 @@ class Manager:
                 for fut in [record.future, *record.children]:
                     if fut is not None and not fut.done():
                         fut._finish(exception=exc)
+            else:
+                with self.cond:
+                    self.hold_reason = None
             finally:
                 with self.cond:
                     self.dispatching = None
                     self.cond.notify_all()
         return progressed
+
+    def _discard_stored(self, record: _JobRecord) -> None:
+        try:
+            record.store.child(record.job_id).delete("")
+        except Exception as exc:  # noqa: BLE001 - only storage left over
+            log.warning("cloudexec: could not remove the stored call of cancelled job %s: %s", record.job_id, exc)
 
     def _write_manifest(self, record: _JobRecord) -> None:
         manifest = _keys.sign_manifest(
@@ -395,14 +455,16 @@ class Manager:
         if isinstance(depends_on, BaseException):
             raise depends_on  # an upstream job failed: this one never reaches the provider
         try:
-            assert record.call is not None
-            store.write(_payload.CALL, record.call)
-            if record.inputs is not None:
-                store.write(_payload.INPUTS, record.inputs)
-            # The manifest goes first: once the provider has the job it may run,
-            # and attach() must find it from then on, even if this client dies
-            # before it learns the provider's id (written just below).
-            self._write_manifest(record)
+            if not record.stored:  # a job held back by the provider's capacity is stored already
+                assert record.call is not None
+                store.write(_payload.CALL, record.call)
+                if record.inputs is not None:
+                    store.write(_payload.INPUTS, record.inputs)
+                # The manifest goes first: once the provider has the job it may run,
+                # and attach() must find it from then on, even if this client dies
+                # before it learns the provider's id (written just below).
+                self._write_manifest(record)
+                record.stored = True
             spec = JobSpec(
                 job_id=record.job_id,
                 job_url=store.url,
@@ -419,13 +481,15 @@ class Manager:
             )
             try:
                 record.ref = provider.submit(spec)
-            except (CloudExecError, CannotHold):
+            except (CloudExecError, CannotHold, CapacityReached):
                 raise
             except Exception as exc:
                 raise SubmissionError(
                     f"the {provider.name} provider did not accept job {record.job_id}: {type(exc).__name__}: {exc}",
                     job_id=record.job_id,
                 ) from exc
+        except CapacityReached:
+            raise  # submitted again later: what is stored stays
         except BaseException:
             # Nothing half-written: the job never reached the provider.
             try:
@@ -627,8 +691,12 @@ class Manager:
             return True
         return False
 
-    def _read_outcomes(self, record: _JobRecord, index: int | None) -> Any:
+    def _read_outcomes(self, record: _JobRecord, index: int | None, fetched: Any = _UNREAD) -> Any:
         """A stored result, verified before it is unpickled.
+
+        Args:
+            fetched: the object's bytes (``None``: absent) when read already,
+                in a bulk read of many results.
 
         Returns:
             Its list of outcomes; ``None`` if there is none; the error refusing
@@ -638,10 +706,14 @@ class Manager:
         Raises:
             Exception: the storage failed (the caller counts it and retries).
         """
-        try:
-            data = self.job_store(record).read(_payload.result_key(index))
-        except FileNotFoundError:
+        if fetched is _UNREAD:
+            try:
+                fetched = self.job_store(record).read(_payload.result_key(index))
+            except FileNotFoundError:
+                return None
+        if fetched is None:
             return None
+        data: bytes = fetched
         try:
             body = _payload.verify_result(self.core.keys.job_keys(record.job_id), record.job_id, index, data)
         except IntegrityError as exc:
@@ -698,7 +770,14 @@ class Manager:
         """
         store = self.job_store(record)
         changed = False
-        names = store.list(_payload.RESULTS_DIR)
+        # Only the names after the last child every earlier one of which has its
+        # result: a poll lists what is new (plus the few children that ended out
+        # of order), not all N names again.
+        while record.done_below in record.children_done:
+            record.done_below += 1
+        start_after = _payload.result_name(record.done_below - 1) if record.done_below else None
+        names = store.list(_payload.RESULTS_DIR, start_after=start_after)
+        new: list[int] = []
         for name in names:
             stem = name[:-4] if name.endswith(".pkl") else None
             if stem is None or not stem.isdigit():
@@ -706,7 +785,16 @@ class Manager:
             index = int(stem)
             if index in record.children_done or index >= len(record.children):
                 continue
-            outcomes = self._read_outcomes(record, index)
+            new.append(index)
+        # The new results in one bulk read (concurrent GETs on object stores).
+        fetched = store.read_many([_payload.result_key(i) for i in new]) if new else {}
+        failed: Exception | None = None
+        for index in new:
+            data = fetched.get(_payload.result_key(index))
+            if isinstance(data, Exception):
+                failed = failed or data  # read again at the next poll; the others are delivered now
+                continue
+            outcomes = self._read_outcomes(record, index, data)
             if outcomes is None or outcomes is _UNSETTLED:
                 continue
             if isinstance(outcomes, list) and not (final or accept_errors) and any(o[0] != "ok" for o in outcomes):
@@ -715,6 +803,10 @@ class Manager:
             record.deferred.discard(index)
             self._finish_child(record, index, outcomes)
             changed = True
+        if failed is not None:
+            # Counted as a failed look at the job (and retried): a child whose
+            # result could not be read now must not count as missing.
+            raise failed
         if final:
             missing = [
                 i for i in range(len(record.children)) if i not in record.children_done and i not in record.unverified

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from cloudexec.settings import COMMON_SETTINGS, JobSettings, Validator
 
-__all__ = ["Phase", "JobStatus", "Dependency", "JobSpec", "JobInfo", "Provider", "CannotHold"]
+__all__ = ["Phase", "JobStatus", "Dependency", "JobSpec", "JobInfo", "Provider", "CannotHold", "CapacityReached"]
 
 
 class Phase(enum.Enum):
@@ -182,6 +182,27 @@ class JobInfo:
         return self.status is not None and self.status.terminal
 
 
+class CapacityReached(Exception):
+    """Raised by `Provider.submit`: the service takes no more jobs *now* (a quota of active jobs).
+
+    Not an error of the job: the executor keeps it queued, its future reads
+    ``status_reason`` as the ``reason`` given here, and it is submitted again
+    once one of the executor's jobs ended, or after ``retry_after_s``
+    (other clients' jobs may free the quota too). Nothing of the job may be
+    left at the provider when this is raised.
+
+    Args:
+        reason: what the job waits for, as a future's status reason
+            (``"waiting for … quota (12 active)"``).
+        retry_after_s: longest pause before submitting again.
+    """
+
+    def __init__(self, reason: str, *, retry_after_s: float = 15.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
 class Provider(ABC):
     """One batch service. Subclass it and implement the abstract verbs.
 
@@ -240,6 +261,8 @@ class Provider(ABC):
                 give this job (the executor holds it in the client instead).
             SubmissionError: the provider refused the job, with its code; nothing
                 of it is left queued or running.
+            CapacityReached: the service takes no more jobs until some end (a
+                quota); the executor holds the job and submits it again later.
         """
 
     @abstractmethod

@@ -32,11 +32,24 @@ class Store(Protocol):
     def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         """Read the object (or the byte range ``[start, end)``); FileNotFoundError if absent."""
 
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None | Exception]:
+        """Read many whole objects at once.
+
+        Returns:
+            Per key its bytes, ``None`` if it is absent, or the error reading it
+            raised (the others are still read: one failed read does not hold
+            back the rest).
+        """
+
     def exists(self, key: str) -> bool:
         """Whether an object exists under ``key``."""
 
-    def list(self, prefix: str) -> list[str]:
-        """Names (not keys) of the objects directly below folder ``prefix``; [] if none."""
+    def list(self, prefix: str, start_after: str | None = None) -> list[str]:
+        """Names (not keys) of the objects directly below folder ``prefix``; [] if none.
+
+        With ``start_after``, only the names sorting after it, in name order;
+        object stores that can list from a key are asked for those alone.
+        """
 
     def delete(self, prefix: str) -> None:
         """Delete the object or folder ``prefix`` and everything below it; no error if absent."""
@@ -85,14 +98,26 @@ class LocalStore:
             fh.seek(start or 0)
             return fh.read(-1 if end is None else end - (start or 0))
 
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None | Exception]:
+        out: dict[str, bytes | None | Exception] = {}
+        for key in keys:
+            try:
+                out[key] = self.read(key)
+            except FileNotFoundError:
+                out[key] = None
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, per key
+                out[key] = exc
+        return out
+
     def exists(self, key: str) -> bool:
         return os.path.exists(self._p(key))
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str, start_after: str | None = None) -> list[str]:
         try:
-            return [n for n in os.listdir(self._p(prefix)) if not n.startswith(".tmp-")]
+            names = [n for n in os.listdir(self._p(prefix)) if not n.startswith(".tmp-")]
         except (FileNotFoundError, NotADirectoryError):
             return []
+        return names if start_after is None else sorted(n for n in names if n > start_after)
 
     def delete(self, prefix: str) -> None:
         import shutil
@@ -132,20 +157,48 @@ class FsspecStore:
         data: bytes = self.fs.cat_file(self._p(key), start=start, end=end)
         return data
 
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None | Exception]:
+        if len(keys) == 1:
+            try:
+                return {keys[0]: self.read(keys[0])}
+            except FileNotFoundError:
+                return {keys[0]: None}
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, per key
+                return {keys[0]: exc}
+        paths = {self._p(key): key for key in keys}
+        # fsspec's bulk cat: s3fs and adlfs send the GETs concurrently.
+        answers = self.fs.cat(list(paths), on_error="return")
+        out: dict[str, bytes | None | Exception] = {}
+        for path, key in paths.items():
+            answer = answers.get(path, answers.get(self.fs._strip_protocol(path)))
+            if isinstance(answer, FileNotFoundError) or answer is None:
+                out[key] = None
+            elif isinstance(answer, Exception):
+                out[key] = answer
+            else:
+                out[key] = bytes(answer)
+        return out
+
     def exists(self, key: str) -> bool:
         path = self._p(key)
         self.fs.invalidate_cache(path)
         return bool(self.fs.exists(path))
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str, start_after: str | None = None) -> list[str]:
         path = self._p(prefix)
-        # Listings are cached by s3fs/adlfs; a poller must see new objects.
+        # Listings are cached by s3fs/adlfs, and a cached folder listing makes
+        # them answer "not found" for newer objects in it: a poller must see them.
         self.fs.invalidate_cache(path)
+        if start_after is not None:
+            lister = _LIST_AFTER.get(_protocol(self.fs))
+            if lister is not None:
+                return sorted(n for n in lister(self.fs, path, start_after) if n > start_after)
         try:
             entries = self.fs.ls(path, detail=False)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        return names if start_after is None else sorted(n for n in names if n > start_after)
 
     def delete(self, prefix: str) -> None:
         path = self._p(prefix)
@@ -157,6 +210,56 @@ class FsspecStore:
 
     def child(self, key: str) -> FsspecStore:
         return FsspecStore(f"{self.url}/{key}", self.storage_options, fs=self.fs)
+
+
+def _protocol(fs: Any) -> str:
+    protocol = getattr(fs, "protocol", "")
+    return str(protocol[0] if isinstance(protocol, (tuple, list)) else protocol)
+
+
+def _list_after_s3(fs: Any, path: str, start_after: str) -> list[str]:
+    """Names below ``path`` after ``start_after``: ListObjectsV2 with ``StartAfter`` (1,000 per page)."""
+    bucket, key, _ = fs.split_path(path)
+    prefix = f"{key}/" if key else ""
+    names: list[str] = []
+    token: str | None = None
+    while True:
+        request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1000}
+        if token is not None:
+            request["ContinuationToken"] = token
+        else:
+            request["StartAfter"] = prefix + start_after
+        page = fs.call_s3("list_objects_v2", **request)
+        names += [item["Key"][len(prefix) :] for item in page.get("Contents", [])]
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return names
+
+
+def _list_after_blob(fs: Any, path: str, start_after: str) -> list[str]:
+    """Names below ``path`` from ``start_after`` on: List Blobs with ``startFrom`` (a service that
+    ignores it answers every name, which the caller filters)."""
+    from fsspec.asyn import sync
+
+    container, key, _ = fs.split_path(path)
+    prefix = f"{key}/" if key else ""
+
+    async def names() -> list[str]:
+        async with fs.service_client.get_container_client(container) as client:
+            blobs = client.list_blobs(name_starts_with=prefix, start_from=prefix + start_after)
+            return [blob.name[len(prefix) :] async for blob in blobs if "/" not in blob.name[len(prefix) :]]
+
+    try:
+        return list(sync(fs.loop, names))
+    except Exception as exc:
+        if type(exc).__name__ == "ResourceNotFoundError":
+            return []
+        raise
+
+
+# Object stores that list from a key, by fsspec protocol: a poller then lists
+# only results that are new instead of every result at each poll.
+_LIST_AFTER = {"s3": _list_after_s3, "s3a": _list_after_s3, "abfs": _list_after_blob, "abfss": _list_after_blob, "az": _list_after_blob}
 
 
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:

@@ -174,7 +174,7 @@ class IntegrityError(CloudExecError):
 
     Attributes:
         job_id: the job the object belongs to (``<id>[<index>]`` for a child).
-        what: which object, e.g. ``"result results/3.pkl"``.
+        what: which object, e.g. ``"result results/0000003.pkl"``.
     """
 
     def __init__(self, message: str, *, job_id: str | None = None, what: str | None = None) -> None:

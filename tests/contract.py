@@ -54,6 +54,20 @@ def executor_factory(build: Callable[..., BatchExecutor], shutdown_limit_s: floa
         assert time.monotonic() - started < shutdown_limit_s, f"{ex!r}: shutdown() did not return promptly"
 
 
+def count_polls(ex: BatchExecutor) -> list[int]:
+    """Count the manager's polls of ``ex`` (each is one bulk ``provider.describe``) in ``[0]``."""
+    polls = [0]
+    provider: Any = ex.provider
+    describe = provider.describe
+
+    def counted(refs: Any) -> Any:
+        polls[0] += 1
+        return describe(refs)
+
+    provider.describe = counted
+    return polls
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until truthy; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout

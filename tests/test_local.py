@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import jobs
-from cloudexec import LocalBatchExecutor, LocalJobStatus, _keys
+from cloudexec import LocalBatchExecutor, LocalJobStatus, _keys, _payload
 from cloudexec.errors import JobFailedError, StorageError
 from contract import ExecutorContract, executor_factory, run_script, wait_until
 from provider_contract import ProviderContract
@@ -209,7 +209,8 @@ def test_runner_exit_codes_and_array_index_from_environment(make_executor: Any, 
     with pytest.raises(jobs.Boom):
         arr.result(timeout=45)
     url = os.path.join(io_root, arr.job_id)
-    os.remove(os.path.join(url, "results", "0.pkl"))
+    first_result = os.path.join(url, *_payload.result_key(0).split("/"))
+    os.remove(first_result)
     keyed = dict(os.environ, CLOUDEXEC_JOB_KEY=ex._core.keys.job_key(arr.job_id).hex())
     runner = [sys.executable, "-m", "cloudexec.runner", url, "--array"]
 
@@ -218,7 +219,7 @@ def test_runner_exit_codes_and_array_index_from_environment(make_executor: Any, 
 
     # Each provider's command line says where the index is; the runner names none of them.
     aws_style = run("--index-env", "AWS_BATCH_JOB_ARRAY_INDEX", AWS_BATCH_JOB_ARRAY_INDEX="0")
-    assert aws_style.returncode == 0 and os.path.exists(os.path.join(url, "results", "0.pkl"))
+    assert aws_style.returncode == 0 and os.path.exists(first_result)
     split_part = run("--index-env", "JOB_INDEX", "--index-offset", "1", JOB_INDEX="0")
     assert split_part.returncode == 1 and b"item 3 is bad" in split_part.stderr
     azure_style = run("--index-env", "TASK_ID", "--index-base", "10000001", TASK_ID="10000002")

@@ -174,7 +174,7 @@ class SecurityContract:
         assert (first.result(timeout=60), second.result(timeout=60), arr.result(timeout=60)) == (2, 4, [2, 4])
         root = ex._core.store
         root.write(f"{second.job_id}/{_payload.RESULT}", root.read(f"{first.job_id}/{_payload.RESULT}"))
-        root.write(f"{arr.job_id}/results/1.pkl", root.read(f"{arr.job_id}/results/0.pkl"))
+        root.write(f"{arr.job_id}/{_payload.result_key(1)}", root.read(f"{arr.job_id}/{_payload.result_key(0)}"))
         again = make_executor()
         with pytest.raises(IntegrityError, match=f"copied from another job.*|{first.job_id}"):
             again.attach(second.job_id).result(timeout=30)

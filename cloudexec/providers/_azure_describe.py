@@ -20,9 +20,13 @@ list does not show (deleted, or created before a client clock far off) and a
 lone job asked about (a property read) are asked about directly: a GET of its
 task, plus one of its job while the task is queued (a terminated job leaves
 its queued task ``active`` for ever, so only the job tells it ended); an
-array's ``taskcounts`` plus its job until every task completed. Those calls go
-out on a few threads at once. When an array ends, its tasks are listed in
-pages of 1,000 (``$select`` keeps the bodies small).
+array's ``taskcounts``, plus its job when the counts did not move since the
+last look (a terminated job's counts stop) or it ended with failed tasks: a
+map being polled costs one call per poll while its tasks progress. Those calls
+go out on a few threads at once. When an array ends, its tasks are listed in
+pages of 1,000 (``$select`` keeps the bodies small). Tasks of the executor's
+shared job (``shared_job=True``) cost one ``list_tasks`` per poll of the tasks
+whose state changed (see `BulkDescribe._describe_shared`).
 
 Status reasons come from the task's ``failureInfo`` (code, message and its
 ``Message`` detail, e.g. ``TaskEnded: … (The maximum execution time configured
@@ -56,6 +60,10 @@ _PAGE = 1000  # tasks per list page (Azure's maximum)
 _TASK_SELECT = ["id", "state", "executionInfo", "nodeInfo", "requiredSlots"]
 _JOB_SELECT = ["id", "state", "executionInfo"]
 _LIST_JOB_SELECT = ["id", "state", "creationTime", "executionInfo"]
+_SHARED_TASK_SELECT = [*_TASK_SELECT, "stateTransitionTime"]
+# A shared job's tasks are listed from the latest state change seen, less this
+# margin: a list that lags a little behind still shows every change once.
+_SHARED_MARGIN = _dt.timedelta(seconds=60)
 _DESCRIBE_THREADS = 16
 #: Active single jobs whose task one poll GETs (the rest keep their last answer).
 _REFRESH_PER_POLL = 8
@@ -127,8 +135,30 @@ def hosted(ref: str) -> tuple[str, str] | None:
     return host, task_id
 
 
+#: Prefix of the reference of a single job run as a task of the executor's shared job.
+SHARED_REF = "shared:"
+
+
+def shared_ref(job_id: str, task_id: str) -> str:
+    """The reference of task ``task_id`` of the shared job ``job_id``."""
+    return f"{SHARED_REF}{job_id}/{task_id}"
+
+
+def _task_of(ref: str) -> tuple[str, str]:
+    """``(azure_job_id, task_id)`` of a single job's reference (its own job, its upstream's, or the shared one)."""
+    where = hosted(ref)
+    if where is not None:
+        return where
+    if ref.startswith(SHARED_REF):
+        job_id, task_id = ref[len(SHARED_REF) :].split("/", 1)
+        return job_id, task_id
+    return ref, SINGLE_TASK_ID
+
+
 def _parse_ref(ref: str) -> tuple[str, int | None]:
     """``(azure_job_id, array size or None)`` of a provider reference."""
+    if ref.startswith(SHARED_REF):
+        return _task_of(ref)[0], None
     if ref.startswith("array:"):
         job_id, size = ref[len("array:") :].rsplit("/", 1)
         return job_id, int(size)
@@ -243,11 +273,8 @@ def array_info(job_id: str, size: int, counts: Any, job: Any = None) -> JobInfo:
 
 def _queued_info(ref: str) -> JobInfo:
     """What an active single job whose task was not fetched yet reads: ``Active``."""
-    return JobInfo(
-        status=AzureJobStatus.ACTIVE,
-        provider_job_id=_parse_ref(ref)[0],
-        extra={"provider_task_id": SINGLE_TASK_ID},
-    )
+    job_id, task_id = _task_of(ref)
+    return JobInfo(status=AzureJobStatus.ACTIVE, provider_job_id=job_id, extra={"provider_task_id": task_id})
 
 
 @dataclass
@@ -281,6 +308,10 @@ class BulkDescribe:
         self._threads: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
+        # Per shared job: list its tasks whose state changed since then.
+        self._shared_since: dict[str, _dt.datetime] = {}
+        # Per array: its task counts at the last look (active, running, completed, failed).
+        self._array_counts: OrderedDict[str, tuple[int, int, int, int]] = OrderedDict()
 
     # -- helpers -------------------------------------------------------------------
     def _parallel(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -304,7 +335,8 @@ class BulkDescribe:
     # -- describe -------------------------------------------------------------------
     def describe(self, refs: Sequence[str]) -> dict[str, JobInfo]:
         unique = [ref for ref in dict.fromkeys(refs) if hosted(ref) is None]
-        out: dict[str, JobInfo] = {}
+        shared = [ref for ref in unique if ref.startswith(SHARED_REF)]
+        out: dict[str, JobInfo] = self._describe_shared(shared) if shared else {}
         for ref in dict.fromkeys(refs):
             where = hosted(ref)
             if where is not None:
@@ -314,6 +346,8 @@ class BulkDescribe:
         pending: list[str] = []
         with self._lock:
             for ref in unique:
+                if ref.startswith(SHARED_REF):
+                    continue
                 seen = self._seen.get(_parse_ref(ref)[0])
                 if seen is not None and seen.final is not None:
                     out[ref] = seen.final
@@ -326,6 +360,61 @@ class BulkDescribe:
             return out
         if pending:
             out.update(self._describe_listed(pending))
+        return out
+
+    def _describe_shared(self, refs: Sequence[str]) -> dict[str, JobInfo]:
+        """Describe tasks of shared jobs: one ``list_tasks`` per shared job, of the tasks that changed.
+
+        The list asks for the tasks whose ``stateTransitionTime`` is at or
+        after the latest change seen by the previous list (less
+        `_SHARED_MARGIN`): a poll pays one call plus one per 1,000 tasks that
+        changed, however many wait. A task not in the answer keeps its last
+        state (``Active`` until first seen otherwise); a completed one is never
+        asked about again.
+        """
+        out: dict[str, JobInfo] = {}
+        by_job: dict[str, list[tuple[str, str]]] = {}
+        with self._lock:
+            for ref in refs:
+                seen = self._seen.get(ref)
+                if seen is not None and seen.final is not None:
+                    out[ref] = seen.final
+                else:
+                    job_id, task_id = _task_of(ref)
+                    by_job.setdefault(job_id, []).append((ref, task_id))
+        for job_id, items in by_job.items():
+            since = self._shared_since.get(job_id)
+            stamp = since.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if since else None
+            try:
+                tasks = list(
+                    self.client.list_tasks(
+                        job_id,
+                        filter=f"stateTransitionTime ge DateTime'{stamp}'" if stamp else None,
+                        select=_SHARED_TASK_SELECT,
+                        max_results=_PAGE,
+                    )
+                )
+            except Exception as exc:
+                if _is_not_found(exc):
+                    continue  # the shared job is gone: its tasks read unknown
+                raise
+            changes = [t.state_transition_time for t in tasks if t.state_transition_time is not None]
+            if changes:
+                bound = max(changes) - _SHARED_MARGIN
+                if since is None or bound > since:
+                    self._shared_since[job_id] = bound
+            with self._lock:
+                # Every task listed is remembered, asked about or not: the next
+                # list starts after these changes.
+                for task in tasks:
+                    info = task_info(task, job_id)
+                    seen = self._entry(shared_ref(job_id, str(task.id)))
+                    seen.info = info
+                    if info.terminal:
+                        seen.final = info
+                for ref, _task_id in items:
+                    seen = self._seen.get(ref)
+                    out[ref] = seen.info if seen is not None and seen.info is not None else _queued_info(ref)
         return out
 
     def _describe_listed(self, refs: Sequence[str]) -> dict[str, JobInfo]:
@@ -490,6 +579,8 @@ class BulkDescribe:
             raise
 
     def _describe_ref(self, ref: str) -> JobInfo | None:
+        if ref.startswith(SHARED_REF):
+            return self._describe_shared([ref]).get(ref)
         job_id, size = _parse_ref(ref)
         if size is None:
             return self._describe_task(job_id, SINGLE_TASK_ID, remember=True)
@@ -497,9 +588,19 @@ class BulkDescribe:
         if counts is None:
             return None
         tc = counts.task_counts
+        now = (tc.active, tc.running, tc.completed, tc.failed)
+        with self._lock:
+            before, self._array_counts[ref] = self._array_counts.get(ref), now
+            while len(self._array_counts) > _SEEN_MAX:
+                self._array_counts.pop(next(iter(self._array_counts)))
         # The job tells whether it was terminated (and why): needed until every
         # task completed, and once more when some failed (killed by a terminate?).
-        job = self._get_job(job_id) if tc.completed < size or tc.failed else None
+        # While the counts move the job is plainly running its tasks, so a poll
+        # then costs the counts alone; a terminate stops them moving, and the
+        # next poll asks the job.
+        moving = before is not None and before != now
+        wanted = (tc.completed < size and not moving) or (tc.completed >= size and tc.failed)
+        job = self._get_job(job_id) if wanted else None
         return array_info(job_id, size, counts, job)
 
     def _describe_task(self, job_id: str, task_id: str, *, remember: bool = False) -> JobInfo | None:

@@ -73,8 +73,31 @@ array, one waiting for an array or for several Azure jobs, or one whose host
 job completed meanwhile) is kept in the client until its upstream jobs ended;
 ``sequential=True`` is refused.
 
+The active-job quota: an Azure Batch account runs at most its quota of jobs
+that are not completed (``activeJobAndJobScheduleQuota``, 100-300 by default).
+When creating a job answers 409 ``ActiveJobAndScheduleQuotaReached``, no
+``submit`` fails: the job waits in the executor (its future's
+``job_status_reason`` reads ``waiting for Azure Batch active-job quota (N
+active)``) and is submitted as soon as one of the executor's jobs completed
+(or after a pause, as other clients' jobs may end too).
+
+Which to pick for many calls:
+
+* ``map``/``submit_map``: one Azure job for the whole map, its tasks added 100
+  per request; the best choice when the calls are known together.
+* ``shared_job=True``: every single ``submit`` becomes a task (id = the
+  cloudexec job id) of ONE Azure job the executor creates at its first
+  ``submit`` and lets complete at shutdown. 10,000 submits are 10,000 tasks
+  of one job: one quota slot, and a poll lists only the tasks that changed.
+  Single submissions then share that job's priority and tags (the ``priority``
+  and ``tags`` settings are refused for them), and ``cancel()`` terminates
+  the task alone.
+* the default (one Azure job per ``submit``): each job has its own priority,
+  tags and terminate reason, but takes a quota slot while it runs.
+
 Provider references (kept in each job's manifest): the Azure job id for a
-single job, ``array:<jobId>/<size>`` for an array.
+single job, ``array:<jobId>/<size>`` for an array, ``task:<sharedJobId>/<taskId>``
+for a single job run in the shared job.
 """
 
 from __future__ import annotations
@@ -88,22 +111,27 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from cloudexec._log import log
-from cloudexec._base import ArrayFuture, BatchExecutor, BatchFuture
-from cloudexec._provider import CannotHold, JobInfo, JobSpec, Provider
+import threading
+
+from cloudexec._base import ArrayFuture, BatchExecutor, BatchFuture, new_job_id
+from cloudexec._provider import CannotHold, CapacityReached, JobInfo, JobSpec, Provider
 from cloudexec._version import __version__
 from cloudexec.errors import CloudExecError, StorageError, SubmissionError
 from cloudexec.providers import _azure_conventions as _conventions
 from cloudexec.providers._azure_describe import (  # task_status, task_info, array_info: public here too
     AZURE_FIRST_CHILD_TASK_ID,
     HOSTED_PREFIX,
+    SHARED_REF as _SHARED_PREFIX,
     SINGLE_TASK_ID,
     AzureJobStatus,
     BulkDescribe,
     _is_not_found,
     _name,
     _parse_ref,
+    _task_of,
     array_info,
     hosted,
+    shared_ref,
     task_id_for,
     task_info,
     task_status,
@@ -128,6 +156,13 @@ EXPORTS = ("AzureBatchExecutor", "AzureBatchFuture", "AzureJobStatus")
 DEFAULT_CONTAINER_IMAGE = "cloudexec:" + ".".join(__version__.split(".")[:2])
 #: Azure's limit of tasks per addtaskcollection request.
 MAX_TASKS_PER_REQUEST = 100
+#: Azure's error code for a job created beyond the account's active-job quota.
+QUOTA_REACHED = "ActiveJobAndScheduleQuotaReached"
+# Longest pause before a job held back by the quota is submitted again when
+# none of the executor's own jobs ended meanwhile (other clients' may have).
+_QUOTA_RETRY_S = 10.0
+# Job states that count against the quota (the service counts every job not completed).
+_QUOTA_FILTER = "state ne 'completed' and state ne 'deleting'"
 #: Job metadata entry holding the job's storage URL (for re-attach by Azure job id).
 URL_METADATA = "cloudexec_job_url"
 # Azure job ids: 1-64 letters, digits, hyphens and underscores.
@@ -200,6 +235,8 @@ class AzureBatchProvider(BulkDescribe, Provider):
             terminated or deleted (they run on the SDK's own daemon threads).
         max_api_attempts: attempts per blob call (the Batch client's retries are
             set where it is built).
+        shared_job: run single submissions as tasks of one Azure job shared
+            by the executor (see the module's "Which to pick").
     """
 
     name = "azure"
@@ -224,8 +261,12 @@ class AzureBatchProvider(BulkDescribe, Provider):
         task_environment: Mapping[str, str] | None = None,
         lro_polling_interval_s: float = 1.0,
         max_api_attempts: int = 10,
+        shared_job: bool = False,
     ) -> None:
         self.client = client
+        self.shared_job = shared_job
+        self._shared_id: str | None = None
+        self._shared_lock = threading.Lock()
         self.max_api_attempts = max_api_attempts
         self.batch_url = batch_url
         self.pool_id = pool_id
@@ -318,6 +359,8 @@ class AzureBatchProvider(BulkDescribe, Provider):
 
     # -- submit ---------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> str:
+        if self.shared_job and spec.array_size is None:
+            return self._submit_shared(spec)
         m = self._models()
         job_id = spec.job_id
         if not _JOB_ID_RE.match(job_id):
@@ -367,6 +410,8 @@ class AzureBatchProvider(BulkDescribe, Provider):
             _resend_if_dropped(lambda: self.client.create_job(create_options), self.max_api_attempts, "JobExists")
         except Exception as exc:
             self._remove_container(container)
+            if _error_code(exc) == QUOTA_REACHED:
+                raise self._quota_reached() from exc
             raise _submission_error(job_id, exc, "create the job") from exc
         try:
             if spec.array_size is None:
@@ -427,11 +472,101 @@ class AzureBatchProvider(BulkDescribe, Provider):
             raise _submission_error(spec.job_id, exc, f"add a task to {host} for") from exc
         return f"{HOSTED_PREFIX}{host}/{spec.job_id}"
 
-    def task_options(self, spec: JobSpec, index: int | None, *, task_id: str | None = None, **extra: Any) -> Any:
+    def _quota_reached(self) -> CapacityReached:
+        """What a job refused for the account's active-job quota waits for (with the count, if it can be had)."""
+        try:
+            # One list call (a page holds 1,000 jobs; quotas are 100-300 by default).
+            active = sum(1 for _ in self.client.list_jobs(filter=_QUOTA_FILTER, select=["id"], max_results=1000))
+        except Exception as exc:  # noqa: BLE001 - the count only decorates the reason
+            log.debug("cloudexec: could not count the active Azure jobs: %s", exc)
+            reason = "waiting for Azure Batch active-job quota"
+        else:
+            reason = f"waiting for Azure Batch active-job quota ({active} active)"
+        return CapacityReached(reason, retry_after_s=_QUOTA_RETRY_S)
+
+    def _shared_job_id(self, spec: JobSpec) -> str:
+        """The executor's shared job, created (with its conventions container) at first use."""
+        with self._shared_lock:
+            if self._shared_id is not None:
+                return self._shared_id
+            m = self._models()
+            job_id = new_job_id("cloudexec-shared")
+            container = _conventions.container_name(job_id)
+            try:
+                self.filesystem().mkdir(container, exist_ok=True)
+            except Exception as exc:
+                raise SubmissionError(
+                    f"cannot create the blob container {container!r} for the logs and outputs of the shared job "
+                    f"{job_id} ({_error_code(exc) or type(exc).__name__}): {_error_message(exc)}. The storage "
+                    "credentials must be allowed to create containers in the account",
+                    job_id=spec.job_id,
+                    code=_error_code(exc),
+                ) from exc
+            env = {_conventions.ENV_VAR: f"{self.scheme}://{container}", **self.task_environment}
+            options = m.BatchJobCreateOptions(
+                id=job_id,
+                display_name="cloudexec shared job",
+                pool_info=m.BatchPoolInfo(pool_id=self.pool_id),
+                common_environment_settings=[m.EnvironmentSetting(name=k, value=v) for k, v in sorted(env.items())],
+            )
+            self._note_submitted(job_id)
+            try:
+                _resend_if_dropped(lambda: self.client.create_job(options), self.max_api_attempts, "JobExists")
+            except Exception as exc:
+                self._remove_container(container)
+                if _error_code(exc) == QUOTA_REACHED:
+                    raise self._quota_reached() from exc
+                raise _submission_error(spec.job_id, exc, "create the shared job for") from exc
+            self._shared_id = job_id
+            return job_id
+
+    def _submit_shared(self, spec: JobSpec) -> str:
+        """Add a single job as a task (id = its cloudexec id) of the executor's shared job."""
+        if spec.settings.priority is not None or spec.settings.tags:
+            raise SubmissionError(
+                f"job {spec.job_id}: with shared_job=True single submissions are tasks of one Azure job, which "
+                "has one priority and one set of tags; drop the priority/tags settings for submit(), or use an "
+                "executor without shared_job (one Azure job per submit) for them",
+                job_id=spec.job_id,
+            )
+        m = self._models()
+        env = {"CLOUDEXEC_JOB_ID": spec.job_id, **spec.environment}
+        task = self.task_options(
+            spec, None, task_id=spec.job_id, environment=[m.EnvironmentSetting(name=k, value=v) for k, v in sorted(env.items())]
+        )
+        for attempt in (1, 2):
+            job_id = self._shared_job_id(spec)
+            try:
+                _resend_if_dropped(lambda: self.client.create_task(job_id, task), self.max_api_attempts, "TaskExists")
+            except Exception as exc:
+                code = _error_code(exc)
+                ended = _is_not_found(exc) or code in ("JobCompleted", "JobBeingTerminated", "JobBeingDeleted")
+                if ended and attempt == 1:
+                    # Someone ended the shared job: start another one.
+                    with self._shared_lock:
+                        if self._shared_id == job_id:
+                            self._shared_id = None
+                    continue
+                raise _submission_error(spec.job_id, exc, "add the task of") from exc
+            return shared_ref(job_id, spec.job_id)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def task_options(
+        self,
+        spec: JobSpec,
+        index: int | None,
+        *,
+        task_id: str | None = None,
+        environment: list[Any] | None = None,
+        **extra: Any,
+    ) -> Any:
         """The ``BatchTaskCreateOptions`` of the single task (``index`` None) or of array child ``index``.
 
-        ``task_id`` replaces the usual id (a job held as a task of another
-        job); ``extra`` adds options (its environment, ``depends_on``).
+        Args:
+            task_id: the task's id instead of the usual one (a task of the
+                shared job, or a job held as a task of its upstream's job).
+            environment: the task's own ``environmentSettings``.
+            **extra: further options (``depends_on``).
         """
         m = self._models()
         s = spec.settings
@@ -440,6 +575,8 @@ class AzureBatchProvider(BulkDescribe, Provider):
             "command_line": " ".join(shlex.quote(part) for part in spec.command),
             **extra,
         }
+        if environment:
+            options["environment_settings"] = environment
         constraints: dict[str, Any] = {}
         if s.timeout_s is not None:
             constraints["max_wall_clock_time"] = _dt.timedelta(seconds=s.timeout_s)
@@ -462,12 +599,23 @@ class AzureBatchProvider(BulkDescribe, Provider):
         m = self._models()
         # In index order, one request at a time: the SDK's create_tasks would
         # send the collections in reverse order, and early children should run first.
-        for start in range(0, size, self.tasks_per_request):
-            tasks = [self.task_options(spec, i) for i in range(start, min(size, start + self.tasks_per_request))]
-            group = m.BatchTaskGroup(task_values=tasks)
-            result = _resend_if_dropped(
-                lambda: self.client.create_task_collection(spec.job_id, group), self.max_api_attempts
-            )
+        pending = [(start, min(size, start + self.tasks_per_request)) for start in range(0, size, self.tasks_per_request)]
+        pending.reverse()
+        while pending:
+            start, end = pending.pop()
+            group = m.BatchTaskGroup(task_values=[self.task_options(spec, i) for i in range(start, end)])
+            try:
+                result = _resend_if_dropped(
+                    lambda: self.client.create_task_collection(spec.job_id, group), self.max_api_attempts
+                )
+            except Exception as exc:
+                if _error_code(exc) != "RequestBodyTooLarge" or end - start == 1:
+                    raise
+                # Azure: a collection above 1 MiB "should be retried again with
+                # fewer Tasks" (long command lines, many settings): halve it.
+                middle = (start + end) // 2
+                pending += [(middle, end), (start, middle)]
+                continue
             for item in result.result_values or []:
                 if _name(item.status) == "success":
                     continue
@@ -533,9 +681,10 @@ class AzureBatchProvider(BulkDescribe, Provider):
 
     # -- cancel -------------------------------------------------------------------------
     def cancel(self, ref: str, reason: str, *, index: int | None = None) -> None:
-        where = hosted(ref)
-        if where is not None:
-            self._terminate_task(*where)  # its host job belongs to the upstream job
+        if hosted(ref) is not None or ref.startswith(_SHARED_PREFIX):
+            # Only this task: its job belongs to the upstream job, or runs the
+            # executor's other calls (the shared job).
+            self._terminate_task(*_task_of(ref))
             return
         job_id, size = _parse_ref(ref)
         if index is not None:
@@ -551,12 +700,9 @@ class AzureBatchProvider(BulkDescribe, Provider):
     def read_log(self, ref: str, *, index: int | None = None, stream: str = "stdout") -> str | None:
         if stream not in ("stdout", "stderr"):
             raise ValueError(f"stream must be 'stdout' or 'stderr'; got {stream!r}")
-        job_id, _ = _parse_ref(ref)
-        task_id = task_id_for(index)
+        job_id, task_id = _task_of(ref) if index is None else (_parse_ref(ref)[0], task_id_for(index))
         container = _conventions.container_name(job_id)
-        where = hosted(ref)
-        if where is not None:
-            job_id, task_id = where
+        if hosted(ref) is not None:
             container = _conventions.container_name(task_id)  # the task id is its cloudexec job id
         try:
             task = self.client.get_task(job_id, task_id, select=["id", "state", "executionInfo"])
@@ -661,6 +807,30 @@ class AzureBatchProvider(BulkDescribe, Provider):
         # The BatchClient stays open: futures outlive their executor, and their
         # properties (logs, output files) still ask Azure after shutdown().
         self._close_describe()
+        with self._shared_lock:
+            shared, self._shared_id = self._shared_id, None
+        if shared is not None:
+            # The shared job completes (and leaves the quota) once its last
+            # task did; set only now, as a job whose tasks all completed
+            # would end while more were still to be added.
+            m = self._models()
+            try:
+                self.client.update_job(
+                    shared, m.BatchJobUpdateOptions(all_tasks_complete_mode=m.BatchAllTasksCompleteMode.TERMINATE_JOB)
+                )
+            except Exception as exc:  # noqa: BLE001
+                log.warning(
+                    "cloudexec: could not let the shared Azure job %s complete (terminate it with az batch job "
+                    "stop): %s",
+                    shared,
+                    exc,
+                )
+
+    def job_location(self, ref: str, index: int | None) -> tuple[str, str]:
+        """``(azure_job_id, task_id)`` of a single job's task (``index`` None) or of array child ``index``."""
+        if index is None:
+            return _task_of(ref)
+        return _parse_ref(ref)[0], task_id_for(index)
 
 
 def _batch_environment_error(exc: BaseException, pool_id: str, url: str) -> Exception:
@@ -708,14 +878,19 @@ class AzureBatchFuture(BatchFuture[Any]):
     def _azure(self) -> AzureBatchProvider:
         return cast(AzureBatchProvider, self._core.provider)
 
+    def _location(self) -> tuple[str, str]:
+        """``(azure_job_id, task_id)`` of this future's task."""
+        ref = self._record.ref
+        if ref is None:
+            return self._record.job_id, task_id_for(self._index)
+        return self._azure().job_location(ref, self._index)
+
     @property
     def provider_task_id(self) -> str:
-        """The Azure task id: ``"10000000"`` for a single job, ``10000001 + index`` for an array child.
-
-        A job held as a task of its upstream job's Azure job has its job id as task id.
-        """
-        where = hosted(self._record.ref or "")
-        return where[1] if where is not None else task_id_for(self._index)
+        """The Azure task id: ``"10000000"`` for a single job, ``10000001 + index`` for an array child,
+        the cloudexec job id for a task of the shared job (``shared_job=True``) or for a job held as a
+        task of its upstream job's Azure job."""
+        return self._location()[1]
 
     def output_files(self) -> list[str]:
         """Names of the files the job wrote under ``./JobOutput/`` (uploaded when it ended), sorted.
@@ -724,7 +899,7 @@ class AzureBatchFuture(BatchFuture[Any]):
             Paths relative to ``./JobOutput/`` with ``/`` separators; ``[]``
             while the job runs or when it wrote none.
         """
-        return self._azure().output_files(self._record.job_id, self.provider_task_id)
+        return self._azure().output_files(*self._location())
 
     def download_output(self, name: str, dest: str | os.PathLike[str]) -> str:
         """Download one of the job's output files.
@@ -741,7 +916,7 @@ class AzureBatchFuture(BatchFuture[Any]):
                 what it did upload).
             ValueError: ``name`` is absolute or climbs out with ``..``.
         """
-        return self._azure().download_output(self._record.job_id, self.provider_task_id, name, dest)
+        return self._azure().download_output(*self._location(), name, dest)
 
 
 class AzureArrayFuture(ArrayFuture[Any]):
@@ -802,6 +977,13 @@ class AzureBatchExecutor(BatchExecutor):
         max_api_attempts: attempts per Batch REST and blob call (azure-core's
             ``RetryPolicy`` for Batch, azure-storage-blob's ``ExponentialRetry``
             for blobs, which retry throttling, 5xx and dropped connections).
+        shared_job: run every single ``submit`` as a task of ONE Azure job the
+            executor shares (created at the first submit, completing after
+            shutdown) instead of one Azure job each: many single submissions
+            then take one slot of the account's active-job quota and cost one
+            task-list call per poll. ``map``/``submit_map`` still get a job of
+            their own. Default False. Either way a submission beyond the quota
+            waits instead of failing; see the module docstring for which to pick.
         **settings: default job settings: ``container_image``, ``vcpus``,
             ``priority`` (-1..+1), ``timeout`` (s), ``retries`` (0..9),
             ``job_name``, ``tags``. ``memory``/``gpus`` are refused (the pool's
@@ -830,8 +1012,11 @@ class AzureBatchExecutor(BatchExecutor):
         poll_interval_s: tuple[float, float] | None = None,
         lro_polling_interval_s: float = 1.0,
         max_api_attempts: int = 10,
+        shared_job: bool = False,
         **settings: Any,
     ) -> None:
+        if not isinstance(shared_job, bool):
+            raise TypeError(f"shared_job must be True or False; got {shared_job!r}")
         if isinstance(max_api_attempts, bool) or not isinstance(max_api_attempts, int) or not 1 <= max_api_attempts <= 50:
             raise ValueError(f"max_api_attempts must be an int from 1 to 50; got {max_api_attempts!r}")
         if not isinstance(pool_id, str) or not _JOB_ID_RE.match(pool_id):
@@ -895,6 +1080,7 @@ class AzureBatchExecutor(BatchExecutor):
             task_environment=task_environment,
             lro_polling_interval_s=lro_polling_interval_s,
             max_api_attempts=max_api_attempts,
+            shared_job=shared_job,
         )
         try:
             provider.check_environment()

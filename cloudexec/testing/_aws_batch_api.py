@@ -132,6 +132,26 @@ class MotoServer(ThreadedMotoServer):
             self._thread.join(timeout=10)
 
 
+def _s3_operation(method: str, environ: dict[str, Any]) -> str:
+    """The S3 operation a request is, by S3's REST rules (``ListObjectsV2``, ``PutObject`` …)."""
+    query = environ.get("QUERY_STRING", "")
+    path = environ.get("PATH_INFO", "").strip("/")
+    is_object = "/" in path  # /bucket/key (path-style, as the emulator's clients address it)
+    if method == "GET":
+        if not is_object:
+            return "ListObjectsV2" if "list-type=2" in query else "ListObjects"
+        return "GetObject"
+    if method == "PUT":
+        return "PutObject" if is_object else "CreateBucket"
+    if method == "HEAD":
+        return "HeadObject" if is_object else "HeadBucket"
+    if method == "DELETE":
+        return "DeleteObject" if is_object else "DeleteBucket"
+    if method == "POST" and "delete" in query:
+        return "DeleteObjects"
+    return f"{method} s3"
+
+
 class Gateway:
     """WSGI middleware in front of moto (see the module diagram)."""
 
@@ -159,6 +179,7 @@ class Gateway:
             self._hooks.count(self._api.operation_name(method, environ.get("PATH_INFO", "")))
             fault = self._hooks.draw_fault("batch")
         elif service == "s3":
+            self._hooks.count_storage(_s3_operation(method, environ))
             fault = self._hooks.draw_fault("storage")
         if self._hooks.credentials_expired(key):
             return _respond(start_response, _expired_answer(service))

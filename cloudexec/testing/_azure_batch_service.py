@@ -94,6 +94,10 @@ _SIGNED_HEADERS = (
 # Azure Batch caps a request body at 1 MiB and an add-collection at 100 tasks.
 _MAX_BODY_BYTES = 1024 * 1024
 _MAX_TASKS_PER_COLLECTION = 100
+# Job states that count against the account's active-job quota: every job
+# that is not completed (one that can still become active again), the way the
+# service counts them; a job being deleted no longer does.
+_QUOTA_STATES = ("active", "disabling", "disabled", "enabling", "terminating")
 _MAX_RESULTS = 1000
 _JSON_TYPE = "application/json;odata=minimalmetadata"
 # Request properties the emulator does not act on. Refusing them (rather than
@@ -293,6 +297,10 @@ class AzureBatchService:
         task_env: Variables every task process sees, besides its own settings.
         kill_grace_s: Seconds between SIGTERM and SIGKILL when killing a task.
         hooks: The emulator's test hooks (call counts, faults); a quiet set by default.
+        active_job_quota: The account's quota of active jobs (Azure's
+            ``activeJobAndJobScheduleQuota``; 100-300 by default on real
+            accounts). Creating a job beyond it answers 409
+            ``ActiveJobAndScheduleQuotaReached``. None: no quota.
     """
 
     def __init__(
@@ -307,8 +315,10 @@ class AzureBatchService:
         task_env: Mapping[str, str],
         kill_grace_s: float,
         hooks: Hooks | None = None,
+        active_job_quota: int | None = None,
     ) -> None:
         self.hooks = hooks if hooks is not None else Hooks(QUIET)
+        self.active_job_quota = active_job_quota
         self.account_name = account_name
         self._key = base64.b64decode(account_key)
         self.pool_id = pool_id
@@ -650,6 +660,7 @@ class AzureBatchService:
             )
         if job_id.lower() in self.store.jobs:
             raise BatchServiceError(409, "JobExists", "The specified job already exists.")
+        self._check_job_quota()
         now = utc_now()
         job = JobRecord(
             id=job_id,
@@ -675,6 +686,19 @@ class AzureBatchService:
         self.node.recheck_job(job)
         url = self._job_url(job)
         return _empty(201, {**self._entity_headers(url, job.etag, now), "Location": url})
+
+    def active_jobs(self) -> int:
+        """Jobs that count against the active-job quota now (call under ``store.lock``)."""
+        return sum(1 for job in self.store.jobs.values() if job.state in _QUOTA_STATES)
+
+    def _check_job_quota(self) -> None:
+        quota = self.active_job_quota
+        if quota is not None and self.active_jobs() >= quota:
+            raise BatchServiceError(
+                409,
+                "ActiveJobAndScheduleQuotaReached",
+                "The account has reached its quota of active jobs and job schedules.",
+            )
 
     def _get_job(self, request: _Request, job_id: str) -> _Response:
         job = self.store.get_job(job_id)

@@ -205,7 +205,7 @@ class EmulatorHooks:
         return self._hooks.snapshot_calls()
 
     def reset_api_calls(self) -> None:
-        """Sets every count in :attr:`api_calls` back to zero."""
+        """Sets every count in :attr:`api_calls` (and an emulator's ``storage_calls``) back to zero."""
         self._hooks.reset_calls()
 
     def inject_faults(
@@ -277,6 +277,7 @@ class Hooks:
         self.profile = profile
         self._lock = threading.Lock()
         self._calls: collections.Counter[str] = collections.Counter()
+        self._storage_calls: collections.Counter[str] = collections.Counter()
         self._faults: collections.Counter[str] = collections.Counter()
         self._pending: dict[Target, collections.deque[FaultKind]] = {t: collections.deque() for t in _TARGETS}
         self._rates: dict[Target, float] = {"batch": 0.0, "storage": 0.0}
@@ -296,10 +297,21 @@ class Hooks:
         with self._lock:
             return collections.Counter(self._calls)
 
+    def count_storage(self, operation: str) -> None:
+        """Count one storage request (an emulator whose wire layer sees them)."""
+        with self._lock:
+            self._storage_calls[operation] += 1
+
+    def snapshot_storage_calls(self) -> collections.Counter[str]:
+        """A copy of the storage call counts."""
+        with self._lock:
+            return collections.Counter(self._storage_calls)
+
     def reset_calls(self) -> None:
-        """Zero the Batch API call counts."""
+        """Zero the Batch API and storage call counts."""
         with self._lock:
             self._calls.clear()
+            self._storage_calls.clear()
 
     # -- faults
     def inject(

@@ -325,6 +325,13 @@ class AWSBatchEmulator(EmulatorHooks):
         """
         return self._hooks.snapshot_calls()
 
+    @property
+    def storage_calls(self) -> collections.Counter[str]:
+        """A snapshot of S3 requests received, per operation (``ListObjectsV2``, ``PutObject``,
+        ``GetObject``, ``HeadObject``, ``DeleteObjects`` …), from every client and job;
+        :meth:`reset_api_calls` zeroes them too."""
+        return self._hooks.snapshot_storage_calls()
+
     def expire_job(self, job_id: str) -> bool:
         """Deletes a job's metadata, as AWS does about 24 h after a job ends.
 

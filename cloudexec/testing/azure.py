@@ -39,6 +39,9 @@ What differs from real Azure Batch:
   ``commonEnvironmentSettings``, the task's ``environmentSettings`` and the
   ``AZ_BATCH_*`` variables Azure sets. ``AZ_BATCH_TASK_RETRY_COUNT`` is an
   emulator extension that real Azure does not set.
+* The account's active-job quota (``active_job_quota``) is off unless given;
+  add-task-collection takes at most 100 tasks (400 ``InvalidPropertyValue``)
+  and any request body at most 1 MiB (413 ``RequestBodyTooLarge``), as Azure.
 * No ``resourceFiles``, ``outputFiles``, task dependencies, job
   manager/preparation/release tasks, exit conditions or auto pools: requests
   using them get 400 ``UnsupportedProperty``. ETag conditions are ignored.
@@ -126,6 +129,10 @@ class AzureBatchEmulator(EmulatorHooks):
             REST and blob calls fail with 503 ``ServerBusy``/500/dropped
             connections), a profile of your own, or False (answers at once,
             never fails). Blob faults go through a proxy in front of Azurite.
+        active_job_quota: The Batch account's quota of active jobs (every job
+            not completed counts). Creating one more answers 409
+            ``ActiveJobAndScheduleQuotaReached``, as Azure does; real accounts
+            allow 100-300 by default. None (the default): no quota.
 
     The test hooks (``api_calls``, ``inject_faults``, ``expire_job``...) are the
     ones every emulator offers; see ``cloudexec.testing._hooks.EmulatorHooks``.
@@ -146,7 +153,14 @@ class AzureBatchEmulator(EmulatorHooks):
         root_dir: str | os.PathLike[str] | None = None,
         kill_grace_s: float = 2.0,
         realistic: bool | RealisticProfile = False,
+        active_job_quota: int | None = None,
     ) -> None:
+        if active_job_quota is not None and (
+            isinstance(active_job_quota, bool) or not isinstance(active_job_quota, int) or active_job_quota < 1
+        ):
+            raise ValueError(f"active_job_quota must be a positive integer or None, got {active_job_quota!r}")
+        self.active_job_quota: int | None = active_job_quota
+        """The account's active-job quota (None: none)."""
         self.profile: RealisticProfile = resolve_profile(realistic)
         """The profile in force (all zeros unless ``realistic`` was given)."""
         self._hooks = Hooks(self.profile)
@@ -223,6 +237,7 @@ class AzureBatchEmulator(EmulatorHooks):
                 task_env={},
                 kill_grace_s=self._kill_grace_s,
                 hooks=self._hooks,
+                active_job_quota=self.active_job_quota,
             )
             service.start()
             self._stack.callback(service.stop)
@@ -430,6 +445,7 @@ def azure_batch_emulator(
     root_dir: str | os.PathLike[str] | None = None,
     kill_grace_s: float = 2.0,
     realistic: bool | RealisticProfile = False,
+    active_job_quota: int | None = None,
 ) -> Iterator[AzureBatchEmulator]:
     """Run an offline Azure Batch (Azurite + local Batch service) for a test.
 
@@ -442,6 +458,8 @@ def azure_batch_emulator(
         root_dir: Where task directories go; None means a temporary directory.
         kill_grace_s: Seconds between SIGTERM and SIGKILL when killing a task.
         realistic: True, False or a :class:`RealisticProfile`; see
+            :class:`AzureBatchEmulator`.
+        active_job_quota: The account's active-job quota; None for none. See
             :class:`AzureBatchEmulator`.
 
     Yields:
@@ -462,6 +480,7 @@ def azure_batch_emulator(
         root_dir=root_dir,
         kill_grace_s=kill_grace_s,
         realistic=realistic,
+        active_job_quota=active_job_quota,
     )
     with emulator:
         yield emulator

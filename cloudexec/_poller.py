@@ -491,7 +491,9 @@ class Manager:
         except CapacityReached:
             raise  # submitted again later: what is stored stays
         except BaseException:
-            # Nothing half-written: the job never reached the provider.
+            # Nothing half-written: the job never reached the provider. A job
+            # the client then holds (CannotHold) is written again when it goes.
+            record.stored = False
             try:
                 store.delete("")
             except Exception:  # noqa: BLE001

@@ -165,35 +165,35 @@ def test_task_runs_with_clean_env_and_reports_exit_code(
     assert names == {"stdout.txt": False, "stderr.txt": False, "wd": True}
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_create_tasks_in_collections_and_list_with_paging_and_filter(
     emu: AzureBatchEmulator, client: BatchClient
 ) -> None:
     job_id = new_job(client, emu.pool_id)
     tasks = [
         m.BatchTaskCreateOptions(id=f"t{i:03d}", command_line="false" if i % 5 == 0 else "true")
-        for i in range(250)
+        for i in range(150)
     ]
     collections_before = emu.api_calls["create_task_collection"]
     result = client.create_tasks(job_id, tasks)
-    assert emu.api_calls["create_task_collection"] - collections_before == 3  # 100 + 100 + 50
-    assert len(result.result_values) == 250
+    assert emu.api_calls["create_task_collection"] - collections_before == 2  # 100 + 50
+    assert len(result.result_values) == 150
     assert {r.status for r in result.result_values} == {m.BatchTaskAddStatus.SUCCESS}
 
     wait_for(
         lambda: client.get_job_task_counts(job_id).task_counts,
-        lambda counts: counts.completed == 250,
-        timeout_s=40,
+        lambda counts: counts.completed == 150,
+        timeout_s=120,  # 150 processes on a busy 2-core machine
     )
     lists_before = emu.api_calls["list_tasks"]
-    completed = list(client.list_tasks(job_id, filter="state eq 'completed'", max_results=100, select=["id", "state"]))
-    assert emu.api_calls["list_tasks"] - lists_before == 3  # pages of 100, 100, 50 via odata.nextLink
-    assert sorted(t.id for t in completed) == [f"t{i:03d}" for i in range(250)]
+    completed = list(client.list_tasks(job_id, filter="state eq 'completed'", max_results=60, select=["id", "state"]))
+    assert emu.api_calls["list_tasks"] - lists_before == 3  # pages of 60, 60, 30 via odata.nextLink
+    assert sorted(t.id for t in completed) == [f"t{i:03d}" for i in range(150)]
     assert completed[0].command_line is None  # $select left it out
     failed = list(
         client.list_tasks(job_id, filter="state eq 'completed' and executionInfo/result eq 'failure'", max_results=30)
     )
-    assert sorted(t.id for t in failed) == [f"t{i:03d}" for i in range(0, 250, 5)]
+    assert sorted(t.id for t in failed) == [f"t{i:03d}" for i in range(0, 150, 5)]
     assert list(client.list_tasks(job_id, filter="state eq 'active'")) == []
 
 

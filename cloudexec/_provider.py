@@ -29,9 +29,11 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from cloudexec.settings import COMMON_SETTINGS, JobSettings, Validator
+
+_T = TypeVar("_T")
 
 __all__ = ["Phase", "JobStatus", "Dependency", "JobSpec", "JobInfo", "Provider", "CannotHold", "CapacityReached"]
 
@@ -103,6 +105,18 @@ class Dependency:
     ref: str | None = None
     job_id: str | None = None
     index: int | None = None
+
+    def waits(self, own: Sequence[_T], upstream: Sequence[_T]) -> list[list[_T]]:
+        """For a service that runs dependencies itself: what each of ``own`` (the job's
+        tasks, in index order) waits for among ``upstream`` (the upstream job's tasks;
+        ignored for ``"sequential"``, whose tasks wait for their own predecessor)."""
+        if self.kind == "sequential":
+            return [[]] + [[before] for before in own[:-1]]
+        if self.kind == "n_to_n":
+            return [[upstream[k]] for k in range(len(own))]
+        if self.index is not None:
+            return [[upstream[self.index]] for _ in own]
+        return [list(upstream) for _ in own]
 
 
 class CannotHold(Exception):

@@ -318,11 +318,7 @@ class _Scheduler:
     def _link(self, job: _LocalJob) -> None:
         """Fill each task's ``waits`` from the job's dependencies."""
         for dep in job.spec.depends_on:
-            if dep.kind == "sequential":
-                for before, task in zip(job.tasks, job.tasks[1:]):
-                    task.waits.append(before)
-                continue
-            upstream = self.jobs.get(dep.ref or "")
+            upstream = job if dep.kind == "sequential" else self.jobs.get(dep.ref or "")
             if upstream is None:
                 # Scheduled by another process: it ended (the executor passes no
                 # dependency on a job it saw succeed), or cannot be followed.
@@ -330,13 +326,8 @@ class _Scheduler:
                     f"job {job.job_id} cannot wait for job {dep.job_id}: this process did not schedule it. "
                     "Pass its result instead (future.result())."
                 )
-            for k, task in enumerate(job.tasks):
-                if dep.kind == "n_to_n":
-                    task.waits.append(upstream.tasks[k])
-                elif dep.index is not None:
-                    task.waits.append(upstream.tasks[dep.index])
-                else:
-                    task.waits.extend(upstream.tasks)
+            for task, waits in zip(job.tasks, dep.waits(job.tasks, upstream.tasks)):
+                task.waits.extend(waits)
 
     def _release(self) -> None:
         """Queue the pending tasks whose dependencies all succeeded; fail those of which one failed."""

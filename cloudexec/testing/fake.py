@@ -209,21 +209,12 @@ class FakeBatchService:
     def _link(self, job: _Job) -> None:
         """Each task's dependencies, from ``spec.depends_on`` (caller holds the lock)."""
         for dep in job.spec.depends_on:
-            if dep.kind == "sequential":
-                for before, task in zip(job.tasks, job.tasks[1:]):
-                    task.waits.append(before)
-                continue
-            upstream = self._jobs.get(dep.ref or "")
+            upstream = job if dep.kind == "sequential" else self._jobs.get(dep.ref or "")
             if upstream is None:
                 raise SubmissionError(f"job {job.spec.job_id}: dependency {dep.ref} is not a job of this service",
                                       code="UnknownDependency", job_id=job.spec.job_id)
-            for k, task in enumerate(job.tasks):
-                if dep.kind == "n_to_n":
-                    task.waits.append(upstream.tasks[k])
-                elif dep.index is not None:
-                    task.waits.append(upstream.tasks[dep.index])
-                else:
-                    task.waits.extend(upstream.tasks)
+            for task, waits in zip(job.tasks, dep.waits(job.tasks, upstream.tasks)):
+                task.waits.extend(waits)
 
     def _release(self) -> None:
         """Queue held tasks whose dependencies succeeded; fail those with a failed one (lock held)."""

@@ -108,27 +108,24 @@ def _provider(kind: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
             }
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "local",
-        "aws",
-        "azure",
-    ],
-)
-def test_sigkilled_client_then_a_new_process_attaches_and_gets_every_result(kind: str, tmp_path: Path) -> None:
+def _kill_client_then_attach(kind: str, tmp_path: Path, client_body: str, ready: str) -> tuple[Any, float]:
+    """Run ``client_body`` in a client process, SIGKILL it once it printed ``ready``
+    (after its job id), and attach to that job from a new process.
+
+    Returns:
+        The attached job's result (JSON) and when the client was killed.
+    """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(TESTS_DIR), *sys.path])}
     with _provider(kind, tmp_path) as cfg:
         config = json.dumps(cfg)
         client = subprocess.Popen(
-            [sys.executable, "-c", _script(_CLIENT), config], env=env, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", _script(client_body), config], env=env, stdout=subprocess.PIPE, text=True
         )
         try:
             assert client.stdout is not None
             job_id = client.stdout.readline().strip()
             assert job_id, "the client printed no job id"
-            assert client.stdout.readline().strip() == "first"
+            assert client.stdout.readline().strip() == ready
             client.send_signal(signal.SIGKILL)
             client.wait(10)
             killed_at = time.monotonic()
@@ -140,7 +137,20 @@ def test_sigkilled_client_then_a_new_process_attaches_and_gets_every_result(kind
             env=env, capture_output=True, text=True, timeout=200,
         )
         assert attacher.returncode == 0, attacher.stderr[-3000:]
-        results = json.loads(attacher.stdout.strip().splitlines()[-1])
+        return json.loads(attacher.stdout.strip().splitlines()[-1]), killed_at
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "local",
+        "aws",
+        "azure",
+    ],
+)
+def test_sigkilled_client_then_a_new_process_attaches_and_gets_every_result(kind: str, tmp_path: Path) -> None:
+    results, killed_at = _kill_client_then_attach(kind, tmp_path, _CLIENT, "first")
     print(f"\n{kind}: client SIGKILLed mid-map; re-attached by job id, {len(results)}/{N_ITEMS} results "
           f"{time.monotonic() - killed_at:.1f} s later, lost {N_ITEMS - len(results)}")
     assert results == [2 * i for i in range(N_ITEMS)]
@@ -178,25 +188,5 @@ time.sleep(600)  # SIGKILLed here, before the chain ended
 )
 def test_depend_chain_survives_its_sigkilled_client(kind: str, tmp_path: Path) -> None:
     """A three-step chain is handed over whole; the service runs it after its client died."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(TESTS_DIR), *sys.path])}
-    with _provider(kind, tmp_path) as cfg:
-        config = json.dumps(cfg)
-        client = subprocess.Popen(
-            [sys.executable, "-c", _script(_CHAIN_CLIENT), config], env=env, stdout=subprocess.PIPE, text=True
-        )
-        try:
-            assert client.stdout is not None
-            job_id = client.stdout.readline().strip()
-            assert job_id, "the client printed no job id"
-            assert client.stdout.readline().strip() == "handed"
-            client.send_signal(signal.SIGKILL)
-            client.wait(10)
-        finally:
-            if client.poll() is None:
-                client.kill()
-        attacher = subprocess.run(
-            [sys.executable, "-c", _script(_ATTACHER), config, job_id],
-            env=env, capture_output=True, text=True, timeout=200,
-        )
-        assert attacher.returncode == 0, attacher.stderr[-3000:]
-    assert json.loads(attacher.stdout.strip().splitlines()[-1]) == 2 + 4 + 10
+    result, _ = _kill_client_then_attach(kind, tmp_path, _CHAIN_CLIENT, "handed")
+    assert result == 2 + 4 + 10

@@ -128,8 +128,6 @@ class ExecutorContract:
     #: Whether the batch service holds a job for the jobs whose futures it was
     #: given (``False``: the executor keeps it in the client until they ended).
     holds_dependents = True
-    #: Whether ``submit_map(..., sequential=True)`` is supported (else TypeError).
-    sequential_arrays = True
 
     # -- submit -----------------------------------------------------------------
     @pytest.mark.timeout(60)
@@ -608,14 +606,29 @@ class ExecutorContract:
     def test_depend_sequential_array_runs_children_in_order(self, make_executor: MakeExecutor, tmp_path: Any) -> None:
         ex = make_executor()
         path = str(tmp_path / "lines")
-        if not self.sequential_arrays:
-            with pytest.raises(TypeError, match="one after another"):
-                ex.submit_map(jobs.append_line, [path] * 4, range(4), sequential=True)
-            return
         arr = ex.submit_map(jobs.append_line, [path] * 4, range(4), sequential=True)
         assert arr.result(timeout=120) == [1, 2, 3, 4]
         with open(path, encoding="utf-8") as fh:
             assert fh.read().split() == ["0", "1", "2", "3"]
+
+    @pytest.mark.timeout(150)
+    def test_depend_sequential_array_runs_nothing_after_a_failed_child(
+        self, make_executor: MakeExecutor, tmp_path: Any
+    ) -> None:
+        ex = make_executor()
+        path = str(tmp_path / "lines")
+        arr = ex.submit_map(jobs.append_line_unless, [path] * 4, range(4), [1] * 4, sequential=True)
+        assert isinstance(arr.exception(timeout=120), jobs.Boom)  # the first child's error
+        first, failed, *never = arr.children
+        assert first.result(timeout=30) == 1
+        with pytest.raises(jobs.Boom):
+            failed.result(timeout=30)
+        for child in never:
+            error = child.exception(timeout=60)
+            assert isinstance(error, JobFailedError), error
+            assert child.job_status_reason, "a child that never ran says why"
+        with open(path, encoding="utf-8") as fh:
+            assert fh.read().split() == ["0", "1"], "no child ran after the failed one"
 
     @pytest.mark.timeout(150)
     def test_depend_failed_upstream_fails_dependents_without_running(

@@ -175,6 +175,14 @@ def touch(path: str, *_: object) -> str:
     return path
 
 
+def append_line_unless(path: str, line: object, bad: object) -> int:
+    """`append_line`, then raise `Boom` when ``line == bad``."""
+    count = append_line(path, line)
+    if line == bad:
+        raise Boom(f"line {line} is bad")
+    return count
+
+
 def append_line(path: str, line: object) -> int:
     """Append ``line`` to ``path``; return how many lines it holds now."""
     with open(path, "a", encoding="utf-8") as fh:

@@ -92,7 +92,6 @@ class TestAzureContract(ExecutorContract):
 
     timeout_exit_code = 143  # the node sends SIGTERM at maxWallClockTime
     memory_limit = None  # Azure Batch sizes memory by VM, not per task
-    sequential_arrays = False  # Azure task dependencies stay within one job: not for array children yet
 
 
 class TestAzureProviderContract(ProviderContract):

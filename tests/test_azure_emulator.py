@@ -27,6 +27,7 @@ from azure.batch import models as m  # noqa: E402
 from azure.batch.models._models import BatchJobTerminateOptions  # noqa: E402 - not re-exported in 15.1
 from azure.core.credentials import AzureNamedKeyCredential  # noqa: E402
 from azure.core.exceptions import (  # noqa: E402
+    HttpResponseError,
     ClientAuthenticationError,
     ResourceExistsError,
     ResourceNotFoundError,
@@ -493,3 +494,46 @@ def test_dependency_action_satisfy_lets_dependents_of_a_failure_run(
             m.BatchTaskCreateOptions(id="x", command_line="true", exit_conditions=m.ExitConditions(default=satisfy)),
         )
     assert excinfo.value.error is not None and excinfo.value.error.code == "TaskDependenciesNotSpecifiedOnJob"
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_task_terminates_a_job_that_performs_exit_option_job_actions(
+    emu: AzureBatchEmulator, client: BatchClient
+) -> None:
+    none = m.ExitOptions(job_action=m.BatchJobActionKind.NONE)
+    plain = new_job(client, emu.pool_id)
+    with pytest.raises(HttpResponseError) as refused:  # jobAction needs onTaskFailure performExitOptionsJobAction
+        client.create_task(
+            plain, m.BatchTaskCreateOptions(id="x", command_line="true", exit_conditions=m.ExitConditions(default=none))
+        )
+    assert refused.value.status_code == 400 and "jobAction" in str(refused.value)
+    job_id = new_job(
+        client,
+        emu.pool_id,
+        uses_task_dependencies=True,
+        task_failure_mode=m.BatchTaskFailureMode.PERFORM_EXIT_OPTIONS_JOB_ACTION,
+    )
+    client.create_tasks(
+        job_id,
+        [
+            m.BatchTaskCreateOptions(
+                id="tolerated", command_line="false", exit_conditions=m.ExitConditions(default=none)
+            ),
+            m.BatchTaskCreateOptions(id="ok", command_line="true", depends_on=m.BatchTaskDependencies(task_ids=["tolerated"])),
+        ],
+    )
+    wait_task(client, job_id, "tolerated", "completed")
+    assert client.get_job(job_id).state == m.BatchJobState.ACTIVE  # jobAction none: the job goes on
+    client.create_tasks(
+        job_id,
+        [
+            m.BatchTaskCreateOptions(id="fails", command_line="false"),  # default jobAction: terminate
+            m.BatchTaskCreateOptions(id="never", command_line="true", depends_on=m.BatchTaskDependencies(task_ids=["fails"])),
+        ],
+    )
+    deadline = time.monotonic() + 15
+    while client.get_job(job_id).state != m.BatchJobState.COMPLETED and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job = client.get_job(job_id)
+    assert job.state == m.BatchJobState.COMPLETED and job.execution_info.termination_reason == "TaskFailed"
+    assert client.get_task(job_id, "never").state == m.BatchTaskState.ACTIVE  # never scheduled

@@ -60,7 +60,6 @@ class TestAzureContractRealistic(RealisticContract):
 
     timeout_exit_code = 143
     memory_limit = None
-    sequential_arrays = False  # Azure task dependencies stay within one job: not for array children yet
 
     @pytest.fixture
     def make_executor(self, realistic_emu: Any) -> Iterator[Any]:

@@ -89,3 +89,12 @@ def test_more_dependencies_than_the_provider_allows_are_refused_at_submit(
     finally:
         open(gate, "w").close()
     assert two.result(timeout=30) == 1
+
+
+def test_sequential_arrays_refused_where_the_provider_cannot_order_children(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudexec.testing.fake import FakeBatchProvider
+
+    monkeypatch.setattr(FakeBatchProvider, "dependency_kinds", frozenset({"job"}))
+    with FakeBatchExecutor() as ex:
+        with pytest.raises(TypeError, match="one after another"):
+            ex.submit_map(jobs.double, range(3), sequential=True)

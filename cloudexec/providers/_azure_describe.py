@@ -56,6 +56,8 @@ AZURE_FIRST_CHILD_TASK_ID = 10000001
 SINGLE_TASK_ID = str(AZURE_FIRST_CHILD_TASK_ID - 1)
 #: The terminate reason Azure gives a job that ended through onAllTasksComplete.
 ALL_TASKS_COMPLETE = "AllTasksComplete"
+#: The terminate reason of a job ended by a failed task's exit-option job action (a sequential array).
+TASK_FAILED = "TaskFailed"
 _PAGE = 1000  # tasks per list page (Azure's maximum)
 _TASK_SELECT = ["id", "state", "executionInfo", "nodeInfo", "requiredSlots"]
 _JOB_SELECT = ["id", "state", "executionInfo"]
@@ -187,6 +189,8 @@ def _job_end(job: Any) -> tuple[bool, str | None]:
     reason = info.termination_reason if info is not None else None
     if reason == ALL_TASKS_COMPLETE:
         return False, None
+    if reason == TASK_FAILED:
+        return True, "TaskFailed: a task failed, so Azure Batch terminated the job and ran none of its queued tasks"
     return True, reason or "the job was terminated"
 
 

@@ -70,8 +70,11 @@ their task ids; its reference is ``task:<azure job id>/<task id>``. Azure
 leaves a task whose dependency failed ``active`` for ever: describe reports it
 failed, naming the dependency, and terminates it. Any other dependent (an
 array, one waiting for an array or for several Azure jobs, or one whose host
-job completed meanwhile) is kept in the client until its upstream jobs ended;
-``sequential=True`` is refused.
+job completed meanwhile) is kept in the client until its upstream jobs ended.
+``sequential=True``: child task i depends on task i - 1 of the same job, and
+the job is created with ``onTaskFailure: performExitOptionsJobAction``, so
+the first child that fails terminates the job (``TaskFailed``) and the later
+children never run — Azure itself holds the order, as AWS ``SEQUENTIAL`` does.
 
 The active-job quota: an Azure Batch account runs at most its quota of jobs
 that are not completed (``activeJobAndJobScheduleQuota``, 100-300 by default).
@@ -244,9 +247,9 @@ class AzureBatchProvider(BulkDescribe, Provider):
     settings = COMMON_SETTINGS | {"container_image", "priority", "tags"}
     poll_interval_s = (1.0, 15.0)
     # Task dependencies by task id, within one Azure job: a single job waiting
-    # for single jobs (or for jobs held so) of one Azure job. Anything else is
-    # held in the client (`CannotHold`).
-    dependency_kinds = frozenset({"job"})
+    # for single jobs (or for jobs held so) of one Azure job, and an array's
+    # children one after another. Anything else is held in the client (`CannotHold`).
+    dependency_kinds = frozenset({"job", "sequential"})
     #: Tasks per addtaskcollection request (Azure allows at most 100).
     tasks_per_request = MAX_TASKS_PER_REQUEST
 
@@ -388,7 +391,8 @@ class AzureBatchProvider(BulkDescribe, Provider):
             **self.task_environment,
             **spec.environment,
         }
-        if spec.depends_on:
+        sequential = any(dep.kind == "sequential" for dep in spec.depends_on)
+        if any(dep.kind != "sequential" for dep in spec.depends_on):
             return self._submit_hosted(spec, container, env)
         settings = spec.settings
         metadata = [m.BatchMetadataItem(name=URL_METADATA, value=spec.job_url)]
@@ -404,6 +408,11 @@ class AzureBatchProvider(BulkDescribe, Provider):
         }
         if settings.priority is not None:
             job_options["priority"] = azure_priority(settings.priority)
+        if sequential:
+            # Each child waits for the previous one (a task dependency); a
+            # child that fails terminates the job (its default exit-option job
+            # action), so no later child runs and nothing stays active for ever.
+            job_options["task_failure_mode"] = m.BatchTaskFailureMode.PERFORM_EXIT_OPTIONS_JOB_ACTION
         self._note_submitted(job_id)
         try:
             create_options = m.BatchJobCreateOptions(**job_options)
@@ -418,7 +427,7 @@ class AzureBatchProvider(BulkDescribe, Provider):
                 task = self.task_options(spec, None)
                 _resend_if_dropped(lambda: self.client.create_task(job_id, task), self.max_api_attempts, "TaskExists")
             else:
-                self._add_children(spec, spec.array_size)
+                self._add_children(spec, spec.array_size, sequential=sequential)
             # A PATCH: azure-core does not resend it when the connection drops,
             # and setting the same mode twice is harmless.
             update = m.BatchJobUpdateOptions(all_tasks_complete_mode=m.BatchAllTasksCompleteMode.TERMINATE_JOB)
@@ -595,15 +604,22 @@ class AzureBatchProvider(BulkDescribe, Provider):
             )
         return m.BatchTaskCreateOptions(**options)
 
-    def _add_children(self, spec: JobSpec, size: int) -> None:
+    def _add_children(self, spec: JobSpec, size: int, *, sequential: bool = False) -> None:
+        """Add the array's tasks in index order; with ``sequential``, task i depends on task i - 1."""
         m = self._models()
+
+        def child(i: int) -> Any:
+            if not sequential or i == 0:
+                return self.task_options(spec, i)
+            return self.task_options(spec, i, depends_on=m.BatchTaskDependencies(task_ids=[task_id_for(i - 1)]))
+
         # In index order, one request at a time: the SDK's create_tasks would
         # send the collections in reverse order, and early children should run first.
         pending = [(start, min(size, start + self.tasks_per_request)) for start in range(0, size, self.tasks_per_request)]
         pending.reverse()
         while pending:
             start, end = pending.pop()
-            group = m.BatchTaskGroup(task_values=[self.task_options(spec, i) for i in range(start, end)])
+            group = m.BatchTaskGroup(task_values=[child(i) for i in range(start, end)])
             try:
                 result = _resend_if_dropped(
                     lambda: self.client.create_task_collection(spec.job_id, group), self.max_api_attempts

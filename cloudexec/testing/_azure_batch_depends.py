@@ -14,7 +14,13 @@ As on Azure Batch (REST reference, "Add Task": ``dependsOn``, ``exitConditions``
   of a failed task is never scheduled (it stays ``active``);
 - the ``exitOptions`` that apply to a completed task are those of its exit
   code in ``exitConditions.exitCodes``, else of a matching
-  ``exitCodeRanges`` entry, else ``exitConditions.default``.
+  ``exitCodeRanges`` entry, else ``exitConditions.default``;
+- ``exitOptions.jobAction`` (``none`` or ``terminate``; ``disable`` is not
+  emulated) is allowed only in a job whose ``onTaskFailure`` is
+  ``performexitoptionsjobaction`` (else ``400 InvalidPropertyValue``). In such
+  a job a task that fails takes its ``jobAction``, by default ``terminate``
+  (``none`` for exit code 0): the job is terminated with ``terminateReason``
+  ``TaskFailed`` and its queued tasks never run.
 
 A task id that does not exist (yet) keeps its dependents waiting; ids in a
 range that no task has are not waited for.
@@ -27,11 +33,14 @@ from typing import Any
 
 from cloudexec.testing._azure_batch_model import BatchServiceError, JobRecord, TaskRecord
 
-__all__ = ["validate", "dependency_action", "waiting"]
+__all__ = ["validate", "dependency_action", "job_action", "waiting"]
 
 #: Most characters ``dependsOn.taskIds`` may hold together.
 MAX_TASK_IDS_CHARS = 64_000
 _ACTIONS = ("satisfy", "block")
+_JOB_ACTIONS = ("none", "terminate")
+#: The job's ``onTaskFailure`` under which a failed task's ``jobAction`` is carried out.
+PERFORM_JOB_ACTION = "performexitoptionsjobaction"
 _EXIT_OPTION_GROUPS = ("exitCodes", "exitCodeRanges", "preProcessingError", "fileUploadError", "default")
 
 
@@ -44,20 +53,25 @@ def _invalid(name: str, value: Any, reason: str) -> BatchServiceError:
     )
 
 
-def _check_exit_options(name: str, options: Any) -> bool:
+def _check_exit_options(name: str, options: Any, job: JobRecord) -> bool:
     """Validate one ``exitOptions``; return whether it sets a ``dependencyAction``."""
     if options is None:
         return False
     if not isinstance(options, Mapping):
         raise _invalid(name, options, "must be an object")
     job_action = options.get("jobAction")
-    if job_action not in (None, "none"):
-        raise BatchServiceError(
-            400,
-            "UnsupportedProperty",
-            "The Azure Batch emulator does not implement exitOptions.jobAction (other than none).",
-            {"PropertyName": f"{name}.jobAction"},
-        )
+    if job_action is not None:
+        if str(job_action).lower() not in _JOB_ACTIONS:
+            raise BatchServiceError(
+                400,
+                "UnsupportedProperty",
+                "The Azure Batch emulator implements exitOptions.jobAction none and terminate only.",
+                {"PropertyName": f"{name}.jobAction"},
+            )
+        if not performs_job_action(job):
+            raise _invalid(
+                f"{name}.jobAction", job_action, "allowed only when the job's onTaskFailure is performExitOptionsJobAction"
+            )
     action = options.get("dependencyAction")
     if action is not None and str(action).lower() not in _ACTIONS:
         raise _invalid(f"{name}.dependencyAction", action, "must be satisfy or block")
@@ -89,14 +103,14 @@ def validate(job: JobRecord, body: Mapping[str, Any]) -> None:
         for i, entry in enumerate(conditions.get("exitCodes") or []):
             if not isinstance(entry, Mapping) or not isinstance(entry.get("code"), int):
                 raise _invalid(f"exitConditions.exitCodes[{i}]", entry, "needs an integer code")
-            uses_action |= _check_exit_options(f"exitConditions.exitCodes[{i}].exitOptions", entry.get("exitOptions"))
+            uses_action |= _check_exit_options(f"exitConditions.exitCodes[{i}].exitOptions", entry.get("exitOptions"), job)
         for i, entry in enumerate(conditions.get("exitCodeRanges") or []):
             _check_range(f"exitConditions.exitCodeRanges[{i}]", entry)
             uses_action |= _check_exit_options(
-                f"exitConditions.exitCodeRanges[{i}].exitOptions", entry.get("exitOptions")
+                f"exitConditions.exitCodeRanges[{i}].exitOptions", entry.get("exitOptions"), job
             )
         for group in ("preProcessingError", "fileUploadError", "default"):
-            uses_action |= _check_exit_options(f"exitConditions.{group}", conditions.get(group))
+            uses_action |= _check_exit_options(f"exitConditions.{group}", conditions.get(group), job)
     if (depends is not None or uses_action) and not job.uses_task_dependencies:
         raise BatchServiceError(
             409,
@@ -124,8 +138,13 @@ def validate(job: JobRecord, body: Mapping[str, Any]) -> None:
         _check_range(f"dependsOn.taskIdRanges[{i}]", entry)
 
 
-def dependency_action(task: TaskRecord) -> str:
-    """``satisfy`` or ``block``: what a completed task does to the tasks that depend on it."""
+def performs_job_action(job: JobRecord) -> bool:
+    """Whether the job carries out its failed tasks' ``jobAction`` (``onTaskFailure``)."""
+    return str(job.spec.get("onTaskFailure") or "noaction").lower() == PERFORM_JOB_ACTION
+
+
+def _exit_options(task: TaskRecord) -> Mapping[str, Any]:
+    """The ``exitOptions`` that apply to how a completed task ended (empty when none do)."""
     conditions = task.spec.get("exitConditions") or {}
     code = task.exit_code
     options: Any = None
@@ -141,7 +160,24 @@ def dependency_action(task: TaskRecord) -> str:
                     break
     if options is None:
         options = conditions.get("default")
-    action = (options or {}).get("dependencyAction")
+    return options or {}
+
+
+def job_action(task: TaskRecord) -> str:
+    """``none`` or ``terminate``: what a completed task does to its job.
+
+    Only a failed task in a job that performs exit-option job actions acts;
+    its default there is ``terminate`` (Azure: none for exit code 0,
+    terminate for every other end).
+    """
+    if task.result == "success" or not performs_job_action(task.job):
+        return "none"
+    return str(_exit_options(task).get("jobAction") or "terminate").lower()
+
+
+def dependency_action(task: TaskRecord) -> str:
+    """``satisfy`` or ``block``: what a completed task does to the tasks that depend on it."""
+    action = _exit_options(task).get("dependencyAction")
     if action:
         return str(action).lower()
     return "satisfy" if task.result == "success" else "block"

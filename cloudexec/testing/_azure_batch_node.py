@@ -539,6 +539,8 @@ class ComputeNode:
         task.last_modified = now
         task.etag = self.store.new_etag()
         task.deadline_mono = None
+        if task.job.state == "active" and _depends.job_action(task) == "terminate":
+            self.terminate_job(task.job, "TaskFailed")
         self._check_jobs.add(task.job)
         self._deps_due = True
         self.wake()  # so the job's end conditions are looked at in the next step

@@ -42,9 +42,12 @@ What differs from real Azure Batch:
 * The account's active-job quota (``active_job_quota``) is off unless given;
   add-task-collection takes at most 100 tasks (400 ``InvalidPropertyValue``)
   and any request body at most 1 MiB (413 ``RequestBodyTooLarge``), as Azure.
-* No ``resourceFiles``, ``outputFiles``, task dependencies, job
-  manager/preparation/release tasks, exit conditions or auto pools: requests
-  using them get 400 ``UnsupportedProperty``. ETag conditions are ignored.
+* Task dependencies (``dependsOn`` task ids and ranges) and exit conditions
+  (``dependencyAction``; ``jobAction`` none/terminate under ``onTaskFailure:
+  performExitOptionsJobAction``) as Azure: see `_azure_batch_depends`.
+* No ``resourceFiles``, ``outputFiles``, job manager/preparation/release
+  tasks, ``jobAction: disable`` or auto pools: requests using them get 400
+  ``UnsupportedProperty``. ETag conditions are ignored.
 """
 
 from __future__ import annotations

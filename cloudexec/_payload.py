@@ -33,6 +33,7 @@ version with a clear message before unpickling anything, and new fields
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -478,6 +479,13 @@ def _is_local_module(module: types.ModuleType) -> bool:
     filename = getattr(module, "__file__", None)
     if not filename or not filename.endswith(".py") or module.__name__ == "__main__":
         return False
+    return _is_local_file(filename)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_local_file(filename: str) -> bool:
+    # Cached: realpath costs a few lstat calls per path component, and every
+    # submit asks again about the same handful of modules.
     real = os.path.realpath(filename)
     if "site-packages" in real or "dist-packages" in real:
         return False
@@ -501,7 +509,8 @@ def _pickled_module_names(body: bytes) -> set[str]:
     return names
 
 
-def _imports_at_load(source: str, name: str, is_pkg: bool) -> set[str]:
+@functools.lru_cache(maxsize=256)
+def _imports_at_load(source: str, name: str, is_pkg: bool) -> frozenset[str]:
     """Modules that running ``source`` (module ``name``) imports at load time.
 
     Function bodies are skipped: their imports run only when called, and are
@@ -509,10 +518,12 @@ def _imports_at_load(source: str, name: str, is_pkg: bool) -> set[str]:
     """
     import ast
 
+    # Cached by source text: parsing a module costs milliseconds, and a
+    # source edited between submits is a new key.
     try:
         tree = ast.parse(source)
     except SyntaxError:
-        return set()
+        return frozenset()
     package = name if is_pkg else name.rpartition(".")[0]
     found: set[str] = set()
     stack: list[ast.AST] = list(tree.body)
@@ -533,7 +544,7 @@ def _imports_at_load(source: str, name: str, is_pkg: bool) -> set[str]:
                 found.update(f"{base}.{alias.name}" for alias in node.names)
         else:
             stack.extend(ast.iter_child_nodes(node))
-    return found
+    return frozenset(found)
 
 
 def collect_local_modules(bodies: Iterable[bytes]) -> dict[str, dict[str, Any]]:

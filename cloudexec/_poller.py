@@ -442,11 +442,14 @@ class Manager:
         except Exception as exc:  # noqa: BLE001 - only storage left over
             log.warning("cloudexec: could not remove the stored call of cancelled job %s: %s", record.job_id, exc)
 
-    def _write_manifest(self, record: _JobRecord) -> None:
+    def _manifest_bytes(self, record: _JobRecord) -> bytes:
         manifest = _keys.sign_manifest(
             self.core.keys.job_key(record.job_id), record.job_id, record.manifest(self.core.provider.name)
         )
-        self.job_store(record).write(_payload.MANIFEST, json.dumps(manifest, indent=1).encode())
+        return json.dumps(manifest, indent=1).encode()
+
+    def _write_manifest(self, record: _JobRecord) -> None:
+        self.job_store(record).write(_payload.MANIFEST, self._manifest_bytes(record))
 
     def _submit(self, record: _JobRecord) -> None:
         provider = self.core.provider
@@ -457,13 +460,15 @@ class Manager:
         try:
             if not record.stored:  # a job held back by the provider's capacity is stored already
                 assert record.call is not None
-                store.write(_payload.CALL, record.call)
+                objects = {_payload.CALL: record.call}
                 if record.inputs is not None:
-                    store.write(_payload.INPUTS, record.inputs)
-                # The manifest goes first: once the provider has the job it may run,
-                # and attach() must find it from then on, even if this client dies
-                # before it learns the provider's id (written just below).
-                self._write_manifest(record)
+                    objects[_payload.INPUTS] = record.inputs
+                # The manifest goes before the job: once the provider has the job
+                # it may run, and attach() must find it from then on, even if this
+                # client dies before it learns the provider's id (written just below).
+                objects[_payload.MANIFEST] = self._manifest_bytes(record)
+                # One bulk write: the objects go out concurrently, not one round trip each.
+                store.write_many(objects)
                 record.stored = True
             spec = JobSpec(
                 job_id=record.job_id,

@@ -108,7 +108,9 @@ def _provider(kind: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
             }
 
 
-def _kill_client_then_attach(kind: str, tmp_path: Path, client_body: str, ready: str) -> tuple[Any, float]:
+def _kill_client_then_attach(
+    kind: str, tmp_path: Path, client_body: str, ready: str, attacher_body: str = _ATTACHER
+) -> tuple[Any, float]:
     """Run ``client_body`` in a client process, SIGKILL it once it printed ``ready``
     (after its job id), and attach to that job from a new process.
 
@@ -133,7 +135,7 @@ def _kill_client_then_attach(kind: str, tmp_path: Path, client_body: str, ready:
             if client.poll() is None:
                 client.kill()
         attacher = subprocess.run(
-            [sys.executable, "-c", _script(_ATTACHER), config, job_id],
+            [sys.executable, "-c", _script(attacher_body), config, job_id],
             env=env, capture_output=True, text=True, timeout=200,
         )
         assert attacher.returncode == 0, attacher.stderr[-3000:]
@@ -174,14 +176,7 @@ time.sleep(600)  # SIGKILLed here, before the chain ended
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param(
-            "local",
-            marks=pytest.mark.xfail(
-                reason="local provider: its scheduler lives in the client process, so jobs it held for their "
-                "upstream jobs never start once the client died (LocalBatchExecutor's docstring)",
-                strict=True,
-            ),
-        ),
+        "local",
         "aws",
         "azure",
     ],
@@ -190,3 +185,67 @@ def test_depend_chain_survives_its_sigkilled_client(kind: str, tmp_path: Path) -
     """A three-step chain is handed over whole; the service runs it after its client died."""
     result, _ = _kill_client_then_attach(kind, tmp_path, _CHAIN_CLIENT, "handed")
     assert result == 2 + 4 + 10
+
+
+_FAILING_CHAIN_CLIENT = _BUILD + '''
+import os, time
+import jobs
+a = ex.submit(jobs.flaky_after, os.path.join(cfg["io_root"], "count"), 1, NAP_S)  # its one attempt fails
+b = ex.submit(jobs.double, a)
+c = ex.submit(jobs.total, [b, 10])
+print(c.job_id, flush=True)
+while c.job_status is None:
+    time.sleep(0.05)
+print("handed", flush=True)
+time.sleep(600)  # SIGKILLed here, while a still runs
+'''
+
+_ERROR_ATTACHER = _BUILD + '''
+job_id = sys.argv[2]
+with ex:
+    print(json.dumps(str(ex.attach(job_id).exception(timeout=150))), flush=True)
+'''
+
+
+def _keepers(io_root: str) -> list[Any]:
+    """The local keeper processes of executors on ``io_root``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if any("_local_keeper" in part for part in cmdline) and os.path.abspath(io_root) in cmdline:
+            found.append(proc)
+    return found
+
+
+def _no_keeper_left(io_root: str, within_s: float = 15.0) -> None:
+    deadline = time.monotonic() + within_s
+    while _keepers(io_root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _keepers(io_root), "a keeper process outlived the jobs it adopted"
+
+
+@pytest.mark.timeout(120)
+def test_local_keeper_fails_adopted_dependents_of_a_failed_upstream_then_exits(tmp_path: Path) -> None:
+    """The client dies while the upstream job runs; it fails; the keeper fails its held dependents."""
+    error, _ = _kill_client_then_attach("local", tmp_path, _FAILING_CHAIN_CLIENT, "handed", _ERROR_ATTACHER)
+    # c waited for b, b for a: each names the job it waited for, and a's failure is at the end.
+    assert error.count("Dependency") >= 2 and "non-zero exit code" in error, error
+    _no_keeper_left(str(tmp_path / "io"))
+
+
+@pytest.mark.timeout(120)
+def test_local_keeper_adopts_nothing_after_an_orderly_shutdown(tmp_path: Path) -> None:
+    import jobs
+    from cloudexec import LocalBatchExecutor
+
+    io_root = str(tmp_path / "io")
+    with LocalBatchExecutor(io_root=io_root, max_workers=2) as ex:
+        up = ex.submit(jobs.slow_double, 1, 0.5)
+        down = ex.submit(jobs.double, up)
+        while down.job_status is None:  # handed to the local scheduler, which holds it for up
+            time.sleep(0.01)
+        assert _keepers(io_root), "a held job on a persistent io_root has a keeper"
+        assert down.result(timeout=60) == 4
+    _no_keeper_left(io_root)

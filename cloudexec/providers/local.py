@@ -19,8 +19,11 @@ Dependencies (futures passed as arguments) are held by the scheduler as
 AWS Batch holds them: a dependent stays ``Pending`` until every job (or
 array child) it waits for succeeded, and fails without running, its reason
 naming the upstream job and how it ended, when one of them fails or is
-cancelled. Like the jobs themselves, they live in the client process: a
-dependent whose client died before it started never runs.
+cancelled. The scheduler lives in the client process; on a persistent
+``io_root`` a keeper process (`cloudexec.providers._local_keeper`) is told
+of every held job and, if the client dies, adopts those still held: it waits
+for their upstream jobs (which run on) and runs or fails them, so a pipeline
+outlives its client as it does on AWS Batch.
 
 When ``io_root`` is a local folder, each job's prefix also holds
 ``local.json`` (its last known state) and ``logs/``, so another process can
@@ -49,6 +52,7 @@ from cloudexec._process import exit_code_of
 from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
 from cloudexec._storage import LocalStore, is_local_url, local_path, make_temp_root, open_store
 from cloudexec.errors import SubmissionError
+from cloudexec.providers._local_keeper import Keeper
 from cloudexec.settings import COMMON_SETTINGS, JobSettings
 
 __all__ = ["LocalBatchExecutor", "LocalJobStatus", "LocalProvider"]
@@ -164,6 +168,9 @@ class _LocalJob:
         # Every warm worker this array had, as _process_identity: after the client
         # dies, a worker still runs the children already piped to it.
         self.worker_identities: list[list[float]] = []
+        # The keeper process that adopts this job if its client dies while it
+        # is held for its upstream jobs (`_local_keeper`), as _process_identity.
+        self.keeper: list[float] | None = None
 
     def status(self) -> LocalJobStatus:
         c = self.counts
@@ -231,6 +238,14 @@ def _process_identity(pid: int) -> list[float]:
         return [pid, psutil.Process(pid).create_time()]
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return [pid, 0.0]
+
+
+def _kept(state: dict[str, Any]) -> bool:
+    """Whether a held job's keeper lives, so it is still to be adopted (its client may be gone)."""
+    keeper = state.get("keeper")
+    if state.get("status") != S.PENDING.value or not keeper:
+        return False
+    return _identity_alive(keeper)
 
 
 def _identity_alive(identity: Sequence[float]) -> bool:
@@ -670,10 +685,21 @@ def _withdraw_from_orphans(job: _LocalJob, index: int | None) -> None:
         pass
 
 
+def fail_unstarted(spec: JobSpec, state_dir: str, env: dict[str, str], reason: str) -> None:
+    """Record a job that will never run (an upstream job failed) as failed with ``reason``."""
+    job = _LocalJob(spec, state_dir, env)
+    for task in job.tasks:
+        task.reason = reason
+        task.set(S.FAILED)
+    _persist(job)
+
+
 def _persist(job: _LocalJob) -> None:
     """Record the job's state next to it, for re-attach from another process."""
     status = job.status()
     state: dict[str, Any] = {"status": status.value, "owner": os.getpid(), "array": job.is_array}
+    if job.keeper is not None and status is S.PENDING:
+        state["keeper"] = job.keeper
     if not job.is_array:
         task = job.tasks[0]
         state.update(exit_code=task.exit_code, reason=task.reason, attempts=task.attempts, pid=task.pid)
@@ -696,12 +722,22 @@ class LocalProvider(Provider):
     poll_interval_s = (0.01, 0.25)
     dependency_kinds = frozenset({"job", "n_to_n", "sequential"})
 
-    def __init__(self, *, state_dir: str, max_vcpus: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *, state_dir: str, max_vcpus: int, env: dict[str, str] | None = None, keep_held: bool = False
+    ) -> None:
+        """
+        Args:
+            keep_held: jobs held for their upstream jobs outlive this process:
+                a keeper process adopts them if it dies (see
+                `cloudexec.providers._local_keeper`); for a ``state_dir``
+                that outlives this process.
+        """
         self.state_dir = state_dir
         self.max_vcpus = max_vcpus
         # Only the variables cloudexec adds: a job process inherits the client's
         # environment when it starts (`_process_env`), so no copy of it is kept.
         self.env = dict(env or {})
+        self._keeper = Keeper(state_dir, max_vcpus, self.env) if keep_held else None
         self._scheduler: _Scheduler | None = None
         self._lock = threading.Lock()
         # Children of other processes' arrays known to have ended, by job: their
@@ -734,7 +770,16 @@ class LocalProvider(Provider):
         env["CLOUDEXEC_JOB_ID"] = spec.job_id
         env.update(spec.environment)
         job = _LocalJob(spec, self.state_dir, env)
+        kept = self._keeper is not None and any(dep.kind != "sequential" for dep in spec.depends_on)
+        if kept:
+            assert self._keeper is not None
+            # In local.json before the job is: a process attaching after this
+            # one died knows that the keeper will adopt it.
+            job.keeper = self._keeper.identity()
         self.scheduler.add(job)
+        if kept:
+            assert self._keeper is not None
+            self._keeper.hold(spec)
         return spec.job_id
 
     def _job(self, ref: str) -> _LocalJob | None:
@@ -833,7 +878,7 @@ class LocalProvider(Provider):
                 provider_job_id=ref,
                 attempts=state.get("attempts"),
             )
-            if status.terminal or _pid_alive(state.get("owner")):
+            if status.terminal or _pid_alive(state.get("owner")) or _kept(state):
                 return info
             found = self._foreign_from_result(ref, None)
             if found is not None:
@@ -841,7 +886,7 @@ class LocalProvider(Provider):
             if _pid_alive(state.get("pid")):
                 return JobInfo(status=S.RUNNING, provider_job_id=ref, attempts=state.get("attempts"))
             return JobInfo(status=S.FAILED, status_reason=LOST_REASON, provider_job_id=ref)
-        if status.terminal or _pid_alive(state.get("owner")):
+        if status.terminal or _pid_alive(state.get("owner")) or _kept(state):
             return JobInfo(status=status, provider_job_id=ref)
         children = self._orphaned_children(ref, state, int(state.get("size") or 0))
         counts = {s.value: 0 for s in S}
@@ -881,6 +926,8 @@ class LocalProvider(Provider):
         return out
 
     def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.close()
         if self._scheduler is not None:
             self._scheduler.close()
 
@@ -897,10 +944,13 @@ class LocalBatchExecutor(BatchExecutor):
     process, so it decides what a client's death means. Jobs it had started
     run on (each in its own session) and write their results under
     ``io_root``; an array's warm workers go on to run every child nobody had
-    started yet (not those a cancel withdrew); single jobs it had not started
-    never run (nor jobs held for their upstream jobs), and attaching reports
-    them as ended without a result. A new process with the same ``io_root``
-    attaches by job id and sees the array running, then gets every result. Give a persistent ``io_root`` (the
+    started yet (not those a cancel withdrew); single jobs waiting for a vCPU
+    never run, and attaching reports them as ended without a result. Jobs held
+    for their upstream jobs (futures passed as arguments) are adopted by a
+    keeper process, which runs them once their upstream jobs succeeded (or
+    fails them, naming the one that failed), so a pipeline outlives its
+    client. A new process with the same ``io_root`` attaches by job id and
+    sees the array running, then gets every result. Give a persistent ``io_root`` (the
     default temporary folder goes with the process; an orderly exit ends the
     job processes first, so none writes into a folder that is gone).
 
@@ -958,7 +1008,9 @@ class LocalBatchExecutor(BatchExecutor):
         env = {}
         if storage_options:
             env["CLOUDEXEC_STORAGE_OPTIONS"] = json.dumps(storage_options)
-        provider = LocalProvider(state_dir=state_dir, max_vcpus=max_vcpus, env=env)
+        # A held job outlives this process only where it can be attached to again.
+        keep_held = not temporary and is_local_url(io_root) and not storage_options
+        provider = LocalProvider(state_dir=state_dir, max_vcpus=max_vcpus, env=env, keep_held=keep_held)
         if temporary:
             # Nothing can attach to a job in a folder removed at exit, so its
             # processes end first: none goes on writing into a deleted folder.

@@ -315,7 +315,9 @@ class BulkDescribe:
         # Per shared job: list its tasks whose state changed since then.
         self._shared_since: dict[str, _dt.datetime] = {}
         # Per array: its task counts at the last look (active, running, completed, failed).
-        self._array_counts: OrderedDict[str, tuple[int, int, int, int]] = OrderedDict()
+        # Per array: its task counts at the last look (active, running, completed,
+        # failed), that answer, and whether the next poll asks the job instead.
+        self._array_counts: OrderedDict[str, tuple[tuple[int, int, int, int], Any, bool]] = OrderedDict()
 
     # -- helpers -------------------------------------------------------------------
     def _parallel(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -588,23 +590,32 @@ class BulkDescribe:
         job_id, size = _parse_ref(ref)
         if size is None:
             return self._describe_task(job_id, SINGLE_TASK_ID, remember=True)
+        # One call per poll: the task counts, or — on the poll after they stood
+        # still — the job instead. The job tells whether it was terminated (and
+        # why, e.g. a sequential array's failed child): while the counts move
+        # the job is plainly running its tasks; a terminate stops them moving.
+        with self._lock:
+            last = self._array_counts.get(ref)
+        if last is not None and last[2]:
+            job = self._get_job(job_id)
+            with self._lock:
+                self._array_counts[ref] = (last[0], last[1], False)
+            if job is None:
+                return None
+            return array_info(job_id, size, last[1], job)
         counts = self._task_counts(ref)
         if counts is None:
             return None
         tc = counts.task_counts
         now = (tc.active, tc.running, tc.completed, tc.failed)
+        moving = last is not None and last[0] != now
         with self._lock:
-            before, self._array_counts[ref] = self._array_counts.get(ref), now
+            self._array_counts[ref] = (now, counts, tc.completed < size and not moving)
             while len(self._array_counts) > _SEEN_MAX:
                 self._array_counts.pop(next(iter(self._array_counts)))
-        # The job tells whether it was terminated (and why): needed until every
-        # task completed, and once more when some failed (killed by a terminate?).
-        # While the counts move the job is plainly running its tasks, so a poll
-        # then costs the counts alone; a terminate stops them moving, and the
-        # next poll asks the job.
-        moving = before is not None and before != now
-        wanted = (tc.completed < size and not moving) or (tc.completed >= size and tc.failed)
-        job = self._get_job(job_id) if wanted else None
+        # Every task completed and some failed: the job once more, now (killed
+        # by a terminate, and why?) — the array's last poll.
+        job = self._get_job(job_id) if tc.completed >= size and tc.failed else None
         return array_info(job_id, size, counts, job)
 
     def _describe_task(self, job_id: str, task_id: str, *, remember: bool = False) -> JobInfo | None:

@@ -253,12 +253,15 @@ def _identity_alive(identity: Sequence[float]) -> bool:
     import psutil
 
     pid, started = int(identity[0]), float(identity[1])
-    if not _pid_alive(pid):
+    if not pid:
         return False
     try:
-        return not started or abs(psutil.Process(pid).create_time() - started) < 0.01
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not started or abs(proc.create_time() - started) < 0.01
     except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+        return False  # gone, or another user's process by that pid: not the one named
 
 
 # Children queued to one warm worker beyond the one it runs: hides the round

@@ -1,5 +1,6 @@
 """The Azure provider under real-cloud conditions, on the Azure emulator's realistic
-profile: transient faults on Batch REST and blob calls, lagging states."""
+profile: transient faults on Batch REST and blob calls, lagging states, expiring
+Entra ID tokens."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import pytest
 
 pytest.importorskip("azure.batch")
 pytest.importorskip("adlfs")
+
+import time  # noqa: E402
 
 import jobs  # noqa: E402
 from cloudexec.testing.azure import azure_batch_emulator  # noqa: E402
@@ -20,6 +23,91 @@ from realistic import RealisticContract, count_sdk_retries  # noqa: E402
 pytestmark = [pytest.mark.azure, pytest.mark.realistic]
 
 FAST = {"poll_interval_s": (0.05, 0.3), "lro_polling_interval_s": 0.1}
+LIFETIME_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def expiring_emu() -> Iterator[Any]:
+    profile = RealisticProfile(
+        status_lag_s=0.2,
+        visibility_lag_s=0.1,
+        batch_fault_rate=0.0,
+        storage_fault_rate=0.0,
+        credential_lifetime_s=LIFETIME_S,
+    )
+    with azure_batch_emulator(slots=2, kill_grace_s=1.0, realistic=profile) as emulator:
+        yield emulator
+
+
+class _FrozenToken:
+    """A credential that keeps handing out one token: what copying a token once amounts to."""
+
+    def __init__(self, token: Any) -> None:
+        self.token = token
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        return self.token
+
+
+@pytest.mark.timeout(60)
+def test_expired_tokens_are_refused_with_azure_codes(expiring_emu: Any) -> None:
+    """Batch and Blob refuse a token past its lifetime with Azure's 401s (expiry is enforced)."""
+    from azure.batch import BatchClient
+    from azure.core.exceptions import ClientAuthenticationError
+    from azure.storage.blob import BlobServiceClient
+
+    fresh = expiring_emu.token_credential()
+    batch_token = fresh.get_token("https://batch.core.windows.net//.default")
+    blob_token = fresh.get_token("https://storage.azure.com/.default")
+    verify = str(expiring_emu.ca_path)
+    batch = BatchClient(expiring_emu.batch_url, _FrozenToken(batch_token), connection_verify=verify, retry_total=0)
+    blobs = BlobServiceClient(
+        expiring_emu.blob_endpoint, credential=_FrozenToken(blob_token), connection_verify=verify, retry_total=0
+    )
+    refused_before = expiring_emu.faults_injected["credentials:expired"]
+    assert [pool.id for pool in batch.list_pools()] == [expiring_emu.pool_id]
+    assert expiring_emu.container in [c.name for c in blobs.list_containers()]
+    time.sleep(max(0.0, max(batch_token.expires_on, blob_token.expires_on) + 1 - time.time()))
+    with pytest.raises(ClientAuthenticationError) as batch_error:
+        list(batch.list_pools())
+    assert batch_error.value.status_code == 401
+    assert batch_error.value.error is not None and batch_error.value.error.code == "AuthenticationFailed"
+    with pytest.raises(ClientAuthenticationError) as blob_error:
+        list(blobs.list_containers())
+    assert blob_error.value.status_code == 401
+    assert blob_error.value.error_code == "InvalidAuthenticationInfo"
+    assert blob_error.value.response.headers["WWW-Authenticate"].startswith("Bearer authorization_uri=")
+    assert expiring_emu.faults_injected["credentials:expired"] - refused_before >= 2
+    # The refreshing credential is past its token's expiry too and simply gets a new one.
+    assert [pool.id for pool in BatchClient(expiring_emu.batch_url, fresh, connection_verify=verify).list_pools()] == [
+        expiring_emu.pool_id
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_map_spans_several_token_expiries(expiring_emu: Any) -> None:
+    """Batch and Blob follow the executor's token credential, so work outliving its tokens completes."""
+    issued_before = expiring_emu.credentials_issued
+    refused_before = expiring_emu.faults_injected["credentials:expired"]
+    started = time.monotonic()
+    with expiring_emu.executor(**FAST) as ex:
+        futures = [ex.submit(jobs.slow_double, i, 0.2) for i in range(3)]
+        # Spread the work over several lifetimes: new calls after each expiry.
+        for i in range(3, 6):
+            time.sleep(LIFETIME_S / 2)
+            futures.append(ex.submit(jobs.slow_double, i, 0.2))
+        results = list(ex.map(jobs.double, range(6, 12), timeout=60))
+        results = [f.result(timeout=60) for f in futures] + results
+    elapsed = time.monotonic() - started
+    issued = expiring_emu.credentials_issued - issued_before
+    refused = expiring_emu.faults_injected["credentials:expired"] - refused_before
+    print(
+        f"\nAzure: tokens issued {issued}, elapsed {elapsed:.1f} s ({elapsed / LIFETIME_S:.1f} lifetimes), "
+        f"requests refused as expired {refused}, results lost {12 - len(results)}"
+    )
+    assert results == [2 * i for i in range(12)]
+    assert elapsed > 2 * LIFETIME_S, "the run must outlive several token lifetimes"
+    assert issued >= 4  # Batch and Blob each, more than once
 
 
 @pytest.mark.timeout(300)

@@ -1,8 +1,9 @@
 """A local Azure Batch REST service that the real ``azure-batch`` SDK can talk to.
 
 It speaks the Batch data-plane API (``api-version=2025-06-01``) over plain HTTP
-on 127.0.0.1, checks shared-key signatures exactly as
-``azure.batch._patch.BatchSharedKeyAuthPolicy`` computes them, and answers in
+on 127.0.0.1 (HTTPS with ``tls``), checks shared-key signatures exactly as
+``azure.batch._patch.BatchSharedKeyAuthPolicy`` computes them (over HTTPS it
+also takes Entra ID bearer tokens, refusing expired ones), and answers in
 Azure's JSON shapes (camelCase bodies, ``{"code", "message": {"lang",
 "value"}, "values"}`` errors). The work itself is done by a
 :class:`~cloudexec.testing._azure_batch_node.ComputeNode`.
@@ -44,6 +45,7 @@ import hmac
 import json
 import os
 import re
+import ssl
 import stat
 import sys
 import threading
@@ -70,6 +72,7 @@ from cloudexec.testing._azure_batch_model import (
     utc_now,
     validate_id,
 )
+from cloudexec.testing._azure_auth import BATCH_AUDIENCE, TlsFiles, expired_token_detail, token_claims
 from cloudexec.testing._azure_batch_node import ComputeNode
 from cloudexec.testing import _azure_batch_depends as _depends
 from cloudexec.testing._hooks import QUIET, Hooks, ResetConnection, reset_socket
@@ -196,11 +199,32 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, service: AzureBatchService) -> None:
+    def __init__(self, service: AzureBatchService, tls: TlsFiles | None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.service = service
         self.open_sockets: set[socket] = set()
         self.sockets_lock = threading.Lock()
+        self.tls_context = None if tls is None else tls.server_context()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls_context is None:
+            super().finish_request(request, client_address)
+            return
+        # The handshake runs on the connection's own thread; the TLS socket takes
+        # the plain one's place in open_sockets so that close_connections reaches it.
+        try:
+            wrapped = self.tls_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        with self.sockets_lock:
+            self.open_sockets.discard(request)
+            self.open_sockets.add(wrapped)
+        try:
+            super().finish_request(wrapped, client_address)
+        finally:
+            with self.sockets_lock:
+                self.open_sockets.discard(wrapped)
+            wrapped.close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.sockets_lock:
@@ -301,6 +325,9 @@ class AzureBatchService:
             ``activeJobAndJobScheduleQuota``; 100-300 by default on real
             accounts). Creating a job beyond it answers 409
             ``ActiveJobAndScheduleQuotaReached``. None: no quota.
+        tls: Serve HTTPS with these certificate files and accept bearer tokens
+            for ``https://batch.core.windows.net/`` besides shared keys. None:
+            plain HTTP, shared keys only.
     """
 
     def __init__(
@@ -316,8 +343,10 @@ class AzureBatchService:
         kill_grace_s: float,
         hooks: Hooks | None = None,
         active_job_quota: int | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.hooks = hooks if hooks is not None else Hooks(QUIET)
+        self.tls = tls
         self.active_job_quota = active_job_quota
         self.account_name = account_name
         self._key = base64.b64decode(account_key)
@@ -325,8 +354,8 @@ class AzureBatchService:
         self.slots = slots
         self.vm_size = vm_size
         self.store = BatchStore()
-        self._server = _Server(self)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._server = _Server(self, tls)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self._server.server_address[1]}"
         self._created = utc_now()
         self._pool_etag = self.store.new_etag()
         try:
@@ -481,7 +510,11 @@ class AzureBatchService:
         return args if len(segments) == len(pattern) else None
 
     def _authenticate(self, method: str, raw_path: str, raw_query: str, headers: Mapping[str, str]) -> None:
-        """Check the SharedKey signature the way the Batch service does."""
+        """Check the SharedKey signature (or, over HTTPS, the bearer token) the way the Batch service does."""
+        bearer = headers.get("Authorization") or headers.get("authorization") or ""
+        if self.tls is not None and bearer.startswith("Bearer "):
+            self._authenticate_token(bearer)
+            return
         lower = {k.lower(): v for k, v in headers.items() if v}
         if method not in ("GET", "HEAD"):
             lower.setdefault("content-length", "0")
@@ -512,6 +545,23 @@ class AzureBatchService:
                 "formed correctly including the signature.",
                 {"AuthenticationErrorDetail": detail},
             )
+
+    def _authenticate_token(self, authorization: str) -> None:
+        """Refuse a malformed, foreign-audience or expired Entra ID token with 401, as Azure Batch does."""
+        claims = token_claims(authorization)
+        if claims is None or str(claims.get("aud", "")).rstrip("/") != BATCH_AUDIENCE.rstrip("/"):
+            detail: str | None = "The token is not an Entra ID access token for https://batch.core.windows.net/."
+        else:
+            detail = expired_token_detail(self.hooks, authorization)
+        if detail is None:
+            return
+        self.hooks.count("authentication_failed")
+        raise BatchServiceError(
+            401,
+            "AuthenticationFailed",
+            "Server failed to authenticate the request. Please refer to the information in the www-authenticate header.",
+            {"AuthenticationErrorDetail": detail},
+        )
 
     # ------------------------------------------------------------------ pools
     def _pool_json(self) -> dict[str, Any]:

@@ -129,10 +129,16 @@ class AzuriteBlob:
     Args:
         executable: Path of ``azurite-blob``.
         startup_timeout_s: How long :meth:`wait_ready` waits for the port.
+        tls: ``(certificate, key)`` PEM paths: serve HTTPS and accept Entra ID
+            bearer tokens (``--oauth basic``: Azurite checks their audience,
+            issuer and lifetime, not their signature). None: plain HTTP.
     """
 
-    def __init__(self, executable: Path, *, startup_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, executable: Path, *, startup_timeout_s: float = 30.0, tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.executable = executable
+        self.tls = tls
         self.startup_timeout_s = startup_timeout_s
         self.port: int | None = None
         self._proc: subprocess.Popen[str] | None = None
@@ -158,6 +164,8 @@ class AzuriteBlob:
             # Azurite 3.35 otherwise tries to send telemetry over the network.
             "--disableTelemetry",
         ]
+        if self.tls is not None:
+            cmd += ["--cert", str(self.tls[0]), "--key", str(self.tls[1]), "--oauth", "basic"]
         self._proc = subprocess.Popen(
             cmd,
             cwd=self._workdir.name,

@@ -11,15 +11,21 @@ request (the client's and the tasks') goes through this proxy::
 Answers are read whole from the store and sent with a Content-Length, so a
 fault never leaves half a body behind; a reset drops the connection before the
 request reaches the store.
+
+With ``tls`` the proxy speaks HTTPS on both sides and refuses expired bearer
+tokens with Azure Storage's own 401 (``InvalidAuthenticationInfo``, a
+``WWW-Authenticate`` challenge) before the request reaches the store.
 """
 
 from __future__ import annotations
 
 import http.client
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from cloudexec.testing._azure_auth import TlsFiles, expired_token_detail, storage_expired_answer
 from cloudexec.testing._hooks import Hooks, reset_socket
 
 __all__ = ["FaultProxy"]
@@ -49,6 +55,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _forward(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if self.server.tls is not None:
+            detail = expired_token_detail(self.server.hooks, self.headers.get("Authorization"))
+            if detail is not None:
+                self._answer(*storage_expired_answer(detail))
+                return
         fault = self.server.hooks.draw_fault("storage")
         if fault is not None and fault.kind in ("reset", "lost"):
             if fault.kind == "lost":
@@ -62,13 +73,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 '<?xml version="1.0" encoding="utf-8"?>'
                 f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
             ).encode()
-            self.send_response(status)
-            self.send_header("x-ms-error-code", code)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            self._answer(status, {"x-ms-error-code": code, "Content-Type": "application/xml"}, data)
             return
         answer, data = self._exchange(body, length)
         self.send_response(answer.status, answer.reason)
@@ -83,10 +88,26 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def _answer(self, status: int, headers: dict[str, str], data: bytes) -> None:
+        """Send an error answer of the proxy's own."""
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
     def _exchange(self, body: bytes, length: int) -> tuple[http.client.HTTPResponse, bytes]:
         """Send this request to the store; its answer and body, read whole."""
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
+        upstream: http.client.HTTPConnection
+        if self.server.client_context is not None:
+            upstream = http.client.HTTPSConnection(
+                "127.0.0.1", self.server.upstream_port, timeout=60, context=self.server.client_context
+            )
+        else:
+            upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
         try:
             upstream.request(self.command, self.path, body=body if body or length else None, headers=headers)
             answer = upstream.getresponse()
@@ -98,10 +119,28 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 class _ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, hooks: Hooks, upstream_port: int) -> None:
+    def __init__(self, hooks: Hooks, upstream_port: int, tls: TlsFiles | None) -> None:
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.hooks = hooks
         self.upstream_port = upstream_port
+        self.tls = tls
+        self.server_context = None if tls is None else tls.server_context()
+        self.client_context = None if tls is None else tls.client_context()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.server_context is not None:
+            # The handshake runs here, on the connection's own thread, so a slow
+            # or broken client never holds up accepting the next one.
+            try:
+                wrapped = self.server_context.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError):
+                return
+            try:
+                super().finish_request(wrapped, client_address)
+            finally:
+                wrapped.close()
+            return
+        super().finish_request(request, client_address)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Dropped client connections are routine here (and some are our own resets).
@@ -114,10 +153,12 @@ class FaultProxy:
     Args:
         hooks: The emulator's hooks (fault rates and counts for ``"storage"``).
         upstream_port: Port of the real store on 127.0.0.1.
+        tls: Serve HTTPS with this certificate, reach the store over HTTPS, and
+            refuse expired bearer tokens. None: plain HTTP both ways.
     """
 
-    def __init__(self, hooks: Hooks, upstream_port: int) -> None:
-        self._server = _ProxyServer(hooks, upstream_port)
+    def __init__(self, hooks: Hooks, upstream_port: int, tls: TlsFiles | None = None) -> None:
+        self._server = _ProxyServer(hooks, upstream_port, tls)
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="cloudexec-fault-proxy", daemon=True

@@ -48,6 +48,12 @@ What differs from real Azure Batch:
 * No ``resourceFiles``, ``outputFiles``, job manager/preparation/release
   tasks, ``jobAction: disable`` or auto pools: requests using them get 400
   ``UnsupportedProperty``. ETag conditions are ignored.
+* With ``tls`` (on by itself when the realistic profile sets
+  ``credential_lifetime_s``) both services speak HTTPS with a throwaway CA
+  (``ca_path``) and take Entra ID bearer tokens from :meth:`token_credential`,
+  which expire after ``credential_lifetime_s``; tasks keep the storage account
+  key (as a real pool's start task or managed identity gives them credentials of
+  their own) and trust the CA through ``SSL_CERT_FILE``/``REQUESTS_CA_BUNDLE``.
 """
 
 from __future__ import annotations
@@ -65,6 +71,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloudexec import _process
+from cloudexec.testing._azure_auth import (
+    EmulatorTokenCredential,
+    TlsFiles,
+    make_tls_files,
+    trust_in_process,
+)
 from cloudexec.testing._azure_batch_service import AzureBatchService
 from cloudexec.testing._fault_proxy import FaultProxy
 from cloudexec.testing._hooks import (
@@ -136,6 +148,22 @@ class AzureBatchEmulator(EmulatorHooks):
             not completed counts). Creating one more answers 409
             ``ActiveJobAndScheduleQuotaReached``, as Azure does; real accounts
             allow 100-300 by default. None (the default): no quota.
+        tls: Serve Batch and blobs over HTTPS with a CA made for this emulator
+            (``ca_path``), as Azure does: azure-core sends bearer tokens over
+            HTTPS only. None (the default): on exactly when the profile sets
+            ``credential_lifetime_s``. While it runs, this process trusts the CA
+            (see ``cloudexec.testing._azure_auth.trust_in_process``).
+
+    Expiring credentials (``realistic=RealisticProfile(credential_lifetime_s=...)``):
+    :meth:`token_credential` returns an azure-core ``TokenCredential`` whose
+    Entra ID tokens expire after that lifetime and are refreshed shortly before,
+    as azure-identity's are; :meth:`executor` then authenticates Batch and Blob
+    with it (Blob through adlfs with ``account_name``/``account_host``). A request
+    with an expired token is refused with Azure's 401: Batch
+    ``AuthenticationFailed``, Blob ``InvalidAuthenticationInfo`` with a
+    ``WWW-Authenticate`` challenge (counted in
+    ``faults_injected["credentials:expired"]``). ``credentials_issued`` counts
+    the tokens handed out.
 
     The test hooks (``api_calls``, ``inject_faults``, ``expire_job``...) are the
     ones every emulator offers; see ``cloudexec.testing._hooks.EmulatorHooks``.
@@ -157,6 +185,7 @@ class AzureBatchEmulator(EmulatorHooks):
         kill_grace_s: float = 2.0,
         realistic: bool | RealisticProfile = False,
         active_job_quota: int | None = None,
+        tls: bool | None = None,
     ) -> None:
         if active_job_quota is not None and (
             isinstance(active_job_quota, bool) or not isinstance(active_job_quota, int) or active_job_quota < 1
@@ -167,6 +196,16 @@ class AzureBatchEmulator(EmulatorHooks):
         self.profile: RealisticProfile = resolve_profile(realistic)
         """The profile in force (all zeros unless ``realistic`` was given)."""
         self._hooks = Hooks(self.profile)
+        expiring = self.profile.credential_lifetime_s is not None
+        if tls is not None and not isinstance(tls, bool):
+            raise TypeError(f"tls must be True, False or None, got {tls!r}")
+        if tls is False and expiring:
+            raise ValueError(
+                "credential_lifetime_s needs tls: azure-core sends bearer tokens over HTTPS only; "
+                "leave tls=None or pass tls=True"
+            )
+        self.tls: bool = expiring if tls is None else tls
+        """Whether Batch and blobs are served over HTTPS (see ``ca_path``)."""
         resolved_slots = (os.cpu_count() or 1) if slots is None else slots
         if isinstance(resolved_slots, bool) or not isinstance(resolved_slots, int) or resolved_slots < 1:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
@@ -203,6 +242,7 @@ class AzureBatchEmulator(EmulatorHooks):
         self._azurite_port: int | None = None
         self._blob_port: int | None = None
         self._root_dir: Path | None = None
+        self._tls_files: TlsFiles | None = None
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> AzureBatchEmulator:
@@ -216,7 +256,10 @@ class AzureBatchEmulator(EmulatorHooks):
             raise RuntimeError("this emulator is already started")
         try:
             executable = find_azurite_blob()
-            azurite = AzuriteBlob(executable)
+            tls_files = self._tls_files = self._make_tls_files() if self.tls else None
+            azurite = AzuriteBlob(
+                executable, tls=None if tls_files is None else (tls_files.cert_path, tls_files.key_path)
+            )
             # Launch Azurite first: Node's start-up dominates, and the Batch
             # service and the blob SDK import overlap with it.
             azurite.start()
@@ -241,6 +284,7 @@ class AzureBatchEmulator(EmulatorHooks):
                 kill_grace_s=self._kill_grace_s,
                 hooks=self._hooks,
                 active_job_quota=self.active_job_quota,
+                tls=tls_files,
             )
             service.start()
             self._stack.callback(service.stop)
@@ -250,12 +294,16 @@ class AzureBatchEmulator(EmulatorHooks):
             self._azurite_port = azurite.wait_ready()
             self._blob_port = self._azurite_port
             if self.profile is not QUIET:
-                proxy = FaultProxy(self._hooks, self._azurite_port)
+                proxy = FaultProxy(self._hooks, self._azurite_port, tls=tls_files)
                 proxy.start()
                 self._stack.callback(proxy.stop)
                 self._blob_port = proxy.port
             service.node.task_env = self.env() if self._task_env is None else dict(self._task_env)
-            with BlobServiceClient.from_connection_string(self.blob_connection_string) as blobs:
+            verify: dict[str, Any] = {}
+            if tls_files is not None:
+                self._stack.callback(trust_in_process(tls_files))
+                verify["connection_verify"] = str(tls_files.ca_path)
+            with BlobServiceClient.from_connection_string(self.blob_connection_string, **verify) as blobs:
                 blobs.create_container(self.container)
             # Set-up calls are never faulted: the profile's rates apply from here on.
             self._hooks.start_faults()
@@ -263,6 +311,13 @@ class AzureBatchEmulator(EmulatorHooks):
             self.close()
             raise
         return self
+
+    def _make_tls_files(self) -> TlsFiles:
+        """A fresh CA and 127.0.0.1 certificate in a folder removed on close (even on SIGKILL)."""
+        folder = Path(tempfile.mkdtemp(prefix="cloudexec-azure-tls-"))
+        self._stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        self._stack.callback(_process.remove_when_owner_dies(folder).close)
+        return make_tls_files(folder)
 
     def close(self) -> None:
         """Kill task processes, stop the Batch service and Azurite. Idempotent."""
@@ -317,19 +372,39 @@ class AzureBatchEmulator(EmulatorHooks):
             )
 
     def issue_credentials(self) -> IssuedCredentials:
-        """Not offered yet by the Azure emulator: its Batch account uses shared keys.
+        """A new expiring key, valid for ``profile.credential_lifetime_s``.
+
+        :meth:`token_credential` wraps each in an Entra ID token (its ``uti``
+        claim); use that to talk to the emulator.
 
         Raises:
-            RuntimeError: Always.
+            RuntimeError: The emulator was started without ``credential_lifetime_s``.
         """
-        raise RuntimeError(
-            "the Azure emulator does not issue expiring credentials yet (Batch uses the account's shared key)"
-        )
+        return self._hooks.issue_credentials()
+
+    def token_credential(self) -> EmulatorTokenCredential:
+        """An azure-core ``TokenCredential`` for Batch and Blob whose tokens expire and refresh.
+
+        Pass it where a ``DefaultAzureCredential()`` would go. Each token it
+        fetches counts in :attr:`credentials_issued`.
+
+        Raises:
+            RuntimeError: The emulator was started without ``credential_lifetime_s``.
+        """
+        self._running_service()
+        return EmulatorTokenCredential(self._hooks)
 
     @property
-    def credentials_issued(self) -> int:
-        """Always 0: see :meth:`issue_credentials`."""
-        return 0
+    def ca_path(self) -> Path:
+        """PEM file of the CA that signed the emulator's HTTPS certificate (``tls`` only).
+
+        Raises:
+            RuntimeError: The emulator is not running or serves plain HTTP.
+        """
+        self._running_service()
+        if self._tls_files is None:
+            raise RuntimeError("this emulator serves plain HTTP; start it with tls=True for a CA")
+        return self._tls_files.ca_path
 
     def expire_job(self, job_id: str) -> bool:
         """Forgets a job and its tasks, as if deleted when its retention ended.
@@ -378,20 +453,22 @@ class AzureBatchEmulator(EmulatorHooks):
         """
         from azure.batch import BatchClient
 
+        if self.tls:
+            kwargs.setdefault("connection_verify", str(self.ca_path))
         return BatchClient(self.batch_url, self.credential(), **kwargs)
 
     # -------------------------------------------------------------- storage
     @property
     def blob_endpoint(self) -> str:
-        """Azurite's blob endpoint, ``http://127.0.0.1:<port>/devstoreaccount1``."""
+        """Azurite's blob endpoint, ``http(s)://127.0.0.1:<port>/devstoreaccount1``."""
         self._running_service()
-        return f"http://127.0.0.1:{self._blob_port}/{self.storage_account_name}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._blob_port}/{self.storage_account_name}"
 
     @property
     def blob_connection_string(self) -> str:
         """Connection string for azure-storage-blob and adlfs."""
         return (
-            "DefaultEndpointsProtocol=http;"
+            f"DefaultEndpointsProtocol={'https' if self.tls else 'http'};"
             f"AccountName={self.storage_account_name};"
             f"AccountKey={self.storage_account_key};"
             f"BlobEndpoint={self.blob_endpoint};"
@@ -411,9 +488,14 @@ class AzureBatchEmulator(EmulatorHooks):
 
         ``AZURE_STORAGE_CONNECTION_STRING`` is read by adlfs when no explicit
         credentials are given, and can be passed to
-        ``BlobServiceClient.from_connection_string``.
+        ``BlobServiceClient.from_connection_string``. With ``tls``,
+        ``SSL_CERT_FILE`` (OpenSSL, hence aiohttp) and ``REQUESTS_CA_BUNDLE``
+        (requests) name the emulator's CA, read when the process starts.
         """
-        return {"AZURE_STORAGE_CONNECTION_STRING": self.blob_connection_string}
+        env = {"AZURE_STORAGE_CONNECTION_STRING": self.blob_connection_string}
+        if self.tls:
+            env["SSL_CERT_FILE"] = env["REQUESTS_CA_BUNDLE"] = str(self.ca_path)
+        return env
 
     def executor(self, **kwargs: Any) -> AzureBatchExecutor:
         """Return a ``cloudexec.providers.azure.AzureBatchExecutor`` wired to the emulator.
@@ -433,6 +515,14 @@ class AzureBatchEmulator(EmulatorHooks):
             "storage": self.storage_url,
             "storage_options": self.adlfs_options(),
         }
+        if self.profile.credential_lifetime_s is not None:
+            # What a user with DefaultAzureCredential() gives: one token
+            # credential, which the executor also uses for Blob (no account key).
+            options["credential"] = self.token_credential()
+            options["storage_options"] = {
+                "account_name": self.storage_account_name,
+                "account_host": self.blob_endpoint.split("://", 1)[1],
+            }
         options.update(kwargs)
         return AzureBatchExecutor(**options)
 
@@ -449,6 +539,7 @@ def azure_batch_emulator(
     kill_grace_s: float = 2.0,
     realistic: bool | RealisticProfile = False,
     active_job_quota: int | None = None,
+    tls: bool | None = None,
 ) -> Iterator[AzureBatchEmulator]:
     """Run an offline Azure Batch (Azurite + local Batch service) for a test.
 
@@ -464,6 +555,8 @@ def azure_batch_emulator(
             :class:`AzureBatchEmulator`.
         active_job_quota: The account's active-job quota; None for none. See
             :class:`AzureBatchEmulator`.
+        tls: Serve HTTPS with a throwaway CA; None: when the profile's
+            credentials expire. See :class:`AzureBatchEmulator`.
 
     Yields:
         The running :class:`AzureBatchEmulator`. On exit every task process,
@@ -484,6 +577,7 @@ def azure_batch_emulator(
         kill_grace_s=kill_grace_s,
         realistic=realistic,
         active_job_quota=active_job_quota,
+        tls=tls,
     )
     with emulator:
         yield emulator

@@ -380,6 +380,31 @@ def test_task_process_writes_blob_to_azurite_via_env(emu: AzureBatchEmulator, cl
     assert emu.storage_url == f"az://{emu.container}/jobs"
 
 
+@pytest.mark.timeout(90)
+def test_tls_serves_https_and_tasks_trust_its_ca_through_their_environment(emu: AzureBatchEmulator) -> None:
+    """tls=True: Batch and blobs over HTTPS; a task reaches blobs with emu.env() alone (CA variables included)."""
+    assert not emu.tls and emu.batch_url.startswith("http://")  # the default is unchanged
+    with azure_batch_emulator(slots=1, task_env={}, kill_grace_s=1.0, tls=True) as secure:
+        assert secure.batch_url.startswith("https://") and secure.blob_endpoint.startswith("https://")
+        assert secure.env()["SSL_CERT_FILE"] == str(secure.ca_path)
+        with secure.batch_client() as client:
+            job_id = new_job(client, secure.pool_id)
+            code = (
+                "import os\n"
+                "from azure.storage.blob import BlobServiceClient\n"
+                "service = BlobServiceClient.from_connection_string(os.environ['AZURE_STORAGE_CONNECTION_STRING'])\n"
+                f"service.get_blob_client({secure.container!r}, 'tls').upload_blob(b'over https', overwrite=True)\n"
+            )
+            env = [m.EnvironmentSetting(name=k, value=v) for k, v in secure.env().items()]
+            client.create_task(job_id, m.BatchTaskCreateOptions(id="w", command_line=py(code), environment_settings=env))
+            task = wait_task(client, job_id, "w", "completed", timeout_s=60)
+            assert task.execution_info.exit_code == 0, read_file(client, job_id, "w", "stderr.txt")
+        from adlfs import AzureBlobFileSystem
+
+        fs = AzureBlobFileSystem(**secure.adlfs_options())  # this process trusts the CA while the emulator runs
+        assert fs.cat(f"{secure.container}/tls") == b"over https"
+
+
 @pytest.mark.timeout(30)
 def test_python_in_command_line_is_this_interpreter(emu: AzureBatchEmulator, client: BatchClient) -> None:
     job_id = new_job(client, emu.pool_id)

@@ -91,7 +91,9 @@ def test_map_spans_several_token_expiries(expiring_emu: Any) -> None:
     refused_before = expiring_emu.faults_injected["credentials:expired"]
     started = time.monotonic()
     with expiring_emu.executor(**FAST) as ex:
-        futures = [ex.submit(jobs.slow_double, i, 0.2) for i in range(2)]
+        # The first call outlives the tokens its task started with (the task's own
+        # managed-identity credential refreshes them); the others start after expiries.
+        futures = [ex.submit(jobs.slow_double, 0, LIFETIME_S * 1.5), ex.submit(jobs.slow_double, 1, 0.2)]
         # Spread the work over several lifetimes: a new call after each half lifetime.
         for i in range(2, 5):
             time.sleep(LIFETIME_S / 2)

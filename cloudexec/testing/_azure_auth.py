@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hmac
 import json
 import math
 import os
+import secrets
 import ssl
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from cloudexec.testing._hooks import Hooks
 
@@ -39,6 +43,7 @@ __all__ = [
     "BATCH_AUDIENCE",
     "STORAGE_AUDIENCE",
     "EmulatorTokenCredential",
+    "IdentityEndpoint",
     "TlsFiles",
     "expired_token_detail",
     "make_tls_files",
@@ -326,3 +331,87 @@ class EmulatorTokenCredential:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _IdentityHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _IdentityServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        url = urlsplit(self.path)
+        resource = (parse_qs(url.query).get("resource") or [""])[0]
+        secret = self.headers.get("X-IDENTITY-HEADER") or ""
+        if url.path != "/msi/token":
+            status, payload = 404, {"statusCode": 404, "message": f"No such endpoint: {url.path}"}
+        elif not hmac.compare_digest(secret, self.server.secret):
+            status, payload = 401, {"statusCode": 401, "message": "The X-IDENTITY-HEADER is missing or wrong."}
+        elif not resource:
+            status, payload = 400, {"statusCode": 400, "message": "The 'resource' parameter is required."}
+        else:
+            issued = self.server.hooks.issue_credentials()
+            audience = resource[: -len("/.default")] if resource.endswith("/.default") else resource
+            status = 200
+            payload = {
+                "access_token": _mint(issued.access_key_id, audience, issued.expires_at),
+                "expires_on": str(int(issued.expires_at)),
+                "resource": resource,
+                "token_type": "Bearer",
+                "client_id": self.server.client_id,
+            }
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _IdentityServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, hooks: Hooks) -> None:
+        super().__init__(("127.0.0.1", 0), _IdentityHandler)
+        self.hooks = hooks
+        self.secret = secrets.token_urlsafe(24)
+        self.client_id = str(uuid.uuid4())
+
+
+class IdentityEndpoint:
+    """A managed-identity token endpoint for the emulator's tasks (App Service's protocol).
+
+    azure-identity's ``ManagedIdentityCredential`` (and so
+    ``DefaultAzureCredential``, and adlfs when given no key) reads
+    ``IDENTITY_ENDPOINT`` and ``IDENTITY_HEADER`` and fetches its tokens here,
+    as a task on a real pool fetches its pool identity's tokens from the
+    instance metadata service. Every token is one ``hooks.issue_credentials()``
+    and expires with it.
+
+    Args:
+        hooks: The emulator's hooks (with ``credential_lifetime_s``).
+    """
+
+    def __init__(self, hooks: Hooks) -> None:
+        self._server = _IdentityServer(hooks)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="cloudexec-identity", daemon=True
+        )
+
+    def env(self) -> dict[str, str]:
+        """The variables that point azure-identity at this endpoint."""
+        return {
+            "IDENTITY_ENDPOINT": f"http://127.0.0.1:{self._server.server_address[1]}/msi/token",
+            "IDENTITY_HEADER": self._server.secret,
+        }
+
+    def start(self) -> None:
+        """Start answering."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop answering and close the socket."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()

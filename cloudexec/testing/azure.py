@@ -51,15 +51,18 @@ What differs from real Azure Batch:
 * With ``tls`` (on by itself when the realistic profile sets
   ``credential_lifetime_s``) both services speak HTTPS with a throwaway CA
   (``ca_path``) and take Entra ID bearer tokens from :meth:`token_credential`,
-  which expire after ``credential_lifetime_s``; tasks keep the storage account
-  key (as a real pool's start task or managed identity gives them credentials of
-  their own) and trust the CA through ``SSL_CERT_FILE``/``REQUESTS_CA_BUNDLE``.
+  which expire after ``credential_lifetime_s``. Tasks then get no account key:
+  they fetch expiring tokens from a managed-identity endpoint of the emulator's
+  (``IDENTITY_ENDPOINT``, App Service's protocol, where a real pool's node has
+  the instance metadata service), and trust the CA through
+  ``SSL_CERT_FILE``/``REQUESTS_CA_BUNDLE``.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -73,6 +76,7 @@ from typing import TYPE_CHECKING, Any
 from cloudexec import _process
 from cloudexec.testing._azure_auth import (
     EmulatorTokenCredential,
+    IdentityEndpoint,
     TlsFiles,
     make_tls_files,
     trust_in_process,
@@ -243,6 +247,7 @@ class AzureBatchEmulator(EmulatorHooks):
         self._blob_port: int | None = None
         self._root_dir: Path | None = None
         self._tls_files: TlsFiles | None = None
+        self._identity: IdentityEndpoint | None = None
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> AzureBatchEmulator:
@@ -298,6 +303,11 @@ class AzureBatchEmulator(EmulatorHooks):
                 proxy.start()
                 self._stack.callback(proxy.stop)
                 self._blob_port = proxy.port
+            if self.profile.credential_lifetime_s is not None:
+                identity = IdentityEndpoint(self._hooks)
+                identity.start()
+                self._stack.callback(identity.stop)
+                self._identity = identity
             service.node.task_env = self.env() if self._task_env is None else dict(self._task_env)
             verify: dict[str, Any] = {}
             if tls_files is not None:
@@ -323,6 +333,7 @@ class AzureBatchEmulator(EmulatorHooks):
         """Kill task processes, stop the Batch service and Azurite. Idempotent."""
         self._stack.close()
         self._service = None
+        self._identity = None
 
     def __enter__(self) -> AzureBatchEmulator:
         return self.start()
@@ -491,11 +502,25 @@ class AzureBatchEmulator(EmulatorHooks):
         ``BlobServiceClient.from_connection_string``. With ``tls``,
         ``SSL_CERT_FILE`` (OpenSSL, hence aiohttp) and ``REQUESTS_CA_BUNDLE``
         (requests) name the emulator's CA, read when the process starts.
+
+        With expiring credentials there is no account key: ``IDENTITY_ENDPOINT``
+        and ``IDENTITY_HEADER`` let azure-identity's ``ManagedIdentityCredential``
+        (which adlfs uses when given an account and no key) fetch expiring
+        tokens, as a pool's managed identity does, and ``CLOUDEXEC_STORAGE_OPTIONS``
+        gives the runner the account and its emulated host.
         """
-        env = {"AZURE_STORAGE_CONNECTION_STRING": self.blob_connection_string}
+        if self._identity is not None:
+            env = dict(self._identity.env())
+            env["CLOUDEXEC_STORAGE_OPTIONS"] = json.dumps(self._token_storage_options())
+        else:
+            env = {"AZURE_STORAGE_CONNECTION_STRING": self.blob_connection_string}
         if self.tls:
             env["SSL_CERT_FILE"] = env["REQUESTS_CA_BUNDLE"] = str(self.ca_path)
         return env
+
+    def _token_storage_options(self) -> dict[str, str]:
+        """adlfs options naming the account and its emulated host, and no key (token auth)."""
+        return {"account_name": self.storage_account_name, "account_host": self.blob_endpoint.split("://", 1)[1]}
 
     def executor(self, **kwargs: Any) -> AzureBatchExecutor:
         """Return a ``cloudexec.providers.azure.AzureBatchExecutor`` wired to the emulator.
@@ -519,10 +544,7 @@ class AzureBatchEmulator(EmulatorHooks):
             # What a user with DefaultAzureCredential() gives: one token
             # credential, which the executor also uses for Blob (no account key).
             options["credential"] = self.token_credential()
-            options["storage_options"] = {
-                "account_name": self.storage_account_name,
-                "account_host": self.blob_endpoint.split("://", 1)[1],
-            }
+            options["storage_options"] = self._token_storage_options()
         options.update(kwargs)
         return AzureBatchExecutor(**options)
 

@@ -257,7 +257,10 @@ def storage_expired_answer(detail: str) -> tuple[int, dict[str, str], bytes]:
     """Azure Storage's answer to an expired bearer token: 401 ``InvalidAuthenticationInfo``.
 
     The ``WWW-Authenticate`` challenge names the tenant's authority and the
-    storage resource, as the service's does.
+    storage resource, as the service's does (seen in Azure/azure-sdk-for-net#42859
+    and Azure/AzureStor#119). Azurite itself still answers an expired token with
+    the older 403 ``AuthenticationFailed``, which is why the emulator's blob proxy
+    checks expiry first.
     """
     body = (
         '<?xml version="1.0" encoding="utf-8"?><Error><Code>InvalidAuthenticationInfo</Code>'

@@ -556,10 +556,12 @@ class AzureBatchService:
         if detail is None:
             return
         self.hooks.count("authentication_failed")
+        # Azure Batch's answer to a token it refuses (e.g. Azure/azure-sdk-for-net#8026).
         raise BatchServiceError(
             401,
             "AuthenticationFailed",
-            "Server failed to authenticate the request. Please refer to the information in the www-authenticate header.",
+            "Server failed to authenticate the request. Make sure the value of Authorization header is formed "
+            "correctly.",
             {"AuthenticationErrorDetail": detail},
         )
 

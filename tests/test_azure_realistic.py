@@ -86,30 +86,34 @@ def test_expired_tokens_are_refused_with_azure_codes(expiring_emu: Any) -> None:
 
 @pytest.mark.timeout(120)
 def test_map_spans_several_token_expiries(expiring_emu: Any) -> None:
-    """Batch and Blob follow the executor's token credential, so work outliving its tokens completes."""
+    """Batch and Blob follow the executor's token credential, and tasks their managed identity's,
+    so a map outliving many tokens completes."""
+    credential = expiring_emu.token_credential()
     issued_before = expiring_emu.credentials_issued
     refused_before = expiring_emu.faults_injected["credentials:expired"]
     started = time.monotonic()
-    with expiring_emu.executor(**FAST) as ex:
-        # The first call outlives the tokens its task started with (the task's own
-        # managed-identity credential refreshes them); the others start after expiries.
-        futures = [ex.submit(jobs.slow_double, 0, LIFETIME_S * 1.5), ex.submit(jobs.slow_double, 1, 0.2)]
-        # Spread the work over several lifetimes: a new call after each half lifetime.
-        for i in range(2, 5):
+    with expiring_emu.executor(credential=credential, **FAST) as ex:
+        # This call outlives the tokens its task started with.
+        futures = [ex.submit(jobs.slow_double, 0, LIFETIME_S * 1.5)]
+        # New calls after each half lifetime: some start after the client's tokens expired.
+        for i in range(1, 3):
             time.sleep(LIFETIME_S / 2)
             futures.append(ex.submit(jobs.slow_double, i, 0.2))
-        results = list(ex.map(jobs.double, range(5, 9), timeout=60))
+        # Each item of the map outlives a token: the map alone spans more than one lifetime.
+        results = list(ex.map(jobs.slow_double, range(3, 7), [LIFETIME_S] * 4, timeout=90))
         results = [f.result(timeout=60) for f in futures] + results
     elapsed = time.monotonic() - started
     issued = expiring_emu.credentials_issued - issued_before
     refused = expiring_emu.faults_injected["credentials:expired"] - refused_before
     print(
-        f"\nAzure: tokens issued {issued}, elapsed {elapsed:.1f} s ({elapsed / LIFETIME_S:.1f} lifetimes), "
-        f"requests refused as expired {refused}, results lost {9 - len(results)}"
+        f"\nAzure: tokens issued {issued} (client {credential.fetched}, tasks {issued - credential.fetched}), "
+        f"elapsed {elapsed:.1f} s ({elapsed / LIFETIME_S:.1f} lifetimes), requests refused as expired {refused}, "
+        f"results lost {7 - len(results)}"
     )
-    assert results == [2 * i for i in range(9)]
-    assert elapsed > 2 * LIFETIME_S, "the run must outlive several token lifetimes"
-    assert issued >= 4  # Batch and Blob each, more than once
+    assert results == [2 * i for i in range(7)]
+    assert elapsed > 2 * LIFETIME_S, "the test's own sleeps and the map's span two token lifetimes"
+    assert credential.fetched > 2, "one token each for Batch and Blob, then refreshed ones"
+    assert issued > credential.fetched, "the tasks fetched tokens of their own (managed identity)"
 
 
 @pytest.mark.timeout(300)

@@ -303,6 +303,8 @@ class EmulatorTokenCredential:
         self._refresh_before_s = lifetime / 3
         self._lock = threading.Lock()
         self._tokens: dict[str, Any] = {}
+        self.fetched: int = 0
+        """How many tokens this credential fetched (each audience's first, then each refresh)."""
 
     def get_token(self, *scopes: str, **kwargs: Any) -> Any:
         """A valid token for the resource of ``scopes[0]`` (``https://storage.azure.com/.default`` …).
@@ -324,6 +326,7 @@ class EmulatorTokenCredential:
                 # believes a token lives longer than the emulator does.
                 cached = AccessToken(token, int(issued.expires_at))
                 self._tokens[audience] = cached
+                self.fetched += 1
             return cached
 
     def close(self) -> None:

@@ -468,7 +468,15 @@ class Manager:
                 # client dies before it learns the provider's id (written just below).
                 objects[_payload.MANIFEST] = self._manifest_bytes(record)
                 # One bulk write: the objects go out concurrently, not one round trip each.
-                store.write_many(objects)
+                try:
+                    store.write_many(objects)
+                except Exception as exc:
+                    raise SubmissionError(
+                        f"job {record.job_id} was not submitted: writing its call to {store.url} failed "
+                        f"({type(exc).__name__}: {exc}). Check that the storage credentials are valid and may "
+                        "write there (an expired or revoked credential is refused with 401/403), then submit again",
+                        job_id=record.job_id,
+                    ) from exc
                 record.stored = True
             spec = JobSpec(
                 job_id=record.job_id,

@@ -98,3 +98,19 @@ def test_sequential_arrays_refused_where_the_provider_cannot_order_children(monk
     with FakeBatchExecutor() as ex:
         with pytest.raises(TypeError, match="one after another"):
             ex.submit_map(jobs.double, range(3), sequential=True)
+
+
+def test_a_refused_storage_write_fails_the_submit_naming_the_job_and_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudexec.errors import SubmissionError
+
+    with FakeBatchExecutor() as ex:
+        def refuse(self: Any, items: Any) -> None:
+            raise PermissionError("403 Forbidden: the token expired")
+
+        monkeypatch.setattr(type(ex._core.store), "write_many", refuse)
+        fut = ex.submit(jobs.double, 2)
+        error = fut.exception(timeout=30)
+        assert isinstance(error, SubmissionError), error
+        assert fut.job_id in str(error) and "403" in str(error) and "credentials" in str(error)
+        monkeypatch.undo()
+        assert ex.submit(jobs.double, 2).result(timeout=30) == 4  # the executor goes on

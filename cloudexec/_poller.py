@@ -47,6 +47,9 @@ _MIN_FAILURES = 3
 # while its size changes) before it is refused: on fsspec filesystems whose
 # writes are not atomic a reader can see a half-written object.
 _SETTLE_S = 3.0
+# How long a single job's stored successful result waits for the service to
+# report the job ended before it is delivered anyway (`Manager._deliver_early`).
+_EARLY_GRACE_S = 2.0
 # What `_read_outcomes` returns for a result object that is not settled yet.
 _UNSETTLED = object()
 # `_read_outcomes` without bytes read already: it reads the object itself.
@@ -132,6 +135,9 @@ class Manager:
         self.broken: str | None = None  # why the thread died, once it did
         self.dispatching: _JobRecord | None = None  # the job being handed over right now
         self._job_stores: dict[str, Store] = {}
+        # Single jobs whose successful result is stored while the service still
+        # says running: when it was first seen, and its outcomes (`_deliver_early`).
+        self._early: dict[str, tuple[float, Any]] = {}
         self.hold: _Hold | None = None
         # Why queued jobs wait, while the provider's capacity keeps them back.
         self.hold_reason: str | None = None
@@ -599,6 +605,58 @@ class Manager:
                 changed |= self._failed(record, exc)
             else:
                 record.failures, record.failing_since = 0, None
+        return self._deliver_early(records, infos) or changed
+
+    def _deliver_early(self, records: list[_JobRecord], infos: dict[str, JobInfo]) -> bool:
+        """Deliver the successful results of single jobs the service keeps reporting running.
+
+        AWS Batch reports a job ``SUCCEEDED`` seconds (at times a minute) after
+        its container stored the result, Azure after the task's logs were
+        uploaded. The first successful result of a job is final, so a future
+        does not wait for that: once its result has been stored for
+        `_EARLY_GRACE_S` and the service still says running, it is delivered
+        (its status and exit code are then read from the service when asked).
+        The grace lets a job that is merely exiting end first, so that in the
+        common case ``result()`` returns with the job's final status and exit
+        code in hand. Only jobs reported running are looked for (one bulk read
+        per poll); a stored error waits for the job's end, as a retry may
+        still succeed.
+        """
+        now = time.monotonic()
+        changed = False
+        running = []
+        for record in records:
+            info = infos.get(record.ref or "")
+            phase = info.status.phase if info is not None and info.status is not None else None
+            if record.is_array or future_done(record) or phase is not Phase.RUNNING:
+                self._early.pop(record.job_id, None)
+                continue
+            seen = self._early.get(record.job_id)
+            if seen is None:
+                running.append(record)
+            elif now - seen[0] >= _EARLY_GRACE_S:
+                del self._early[record.job_id]
+                if self._finish_single(record, None, seen[1]):
+                    self._drop(record)
+                    changed = True
+        groups: dict[int, tuple[Store, list[_JobRecord]]] = {}
+        for record in running:
+            groups.setdefault(id(record.store), (record.store, []))[1].append(record)
+        for store, group in groups.values():
+            keys = {f"{record.job_id}/{_payload.result_key(None)}": record for record in group}
+            try:
+                fetched = store.read_many(list(keys))
+            except Exception as exc:  # noqa: BLE001 - the job's end delivers it all the same
+                log.debug("cloudexec: looking for early results failed: %s", exc)
+                continue
+            for key, record in keys.items():
+                data = fetched.get(key)
+                if not isinstance(data, bytes):
+                    continue  # absent, or not readable now: the job's end delivers it
+                outcomes = self._read_outcomes(record, None, data)
+                if isinstance(outcomes, list) and outcomes and all(o[0] == "ok" for o in outcomes):
+                    self._early[record.job_id] = (now, outcomes)
+                    changed = True  # polled again soon: delivered when the grace ends
         return changed
 
     def _poll_storage_only(self, records: list[_JobRecord], error: Exception) -> bool:
@@ -648,6 +706,7 @@ class Manager:
         return True
 
     def _drop(self, record: _JobRecord) -> None:
+        self._early.pop(record.job_id, None)
         with self.cond:
             self.inflight.pop(record.job_id, None)
             self._job_stores.pop(record.job_id, None)
@@ -747,11 +806,16 @@ class Manager:
         except CloudExecError as exc:
             return exc
 
-    def _finish_single(self, record: _JobRecord, info: JobInfo | None) -> bool:
-        """Set a single job's future from its stored result; False while that result settles."""
+    def _finish_single(self, record: _JobRecord, info: JobInfo | None, outcomes: Any = _UNREAD) -> bool:
+        """Set a single job's future from its stored result; False while that result settles.
+
+        Args:
+            outcomes: what `_read_outcomes` returned, when read already.
+        """
         future = record.future
         assert future is not None
-        outcomes = self._read_outcomes(record, None)
+        if outcomes is _UNREAD:
+            outcomes = self._read_outcomes(record, None)
         if outcomes is _UNSETTLED:
             return False
         if isinstance(outcomes, BaseException):

@@ -1056,3 +1056,16 @@ def test_upstream_placeholder_reads_single_child_chunked_and_whole_results() -> 
     copy = dill.loads(dill.dumps(Upstream("a", index=1)))
     assert (copy.job_id, copy.index, copy.size, copy.chunked) == ("a", 1, None, False)
     assert "a[1]" in repr(copy)
+
+
+@pytest.mark.timeout(30)
+def test_a_single_jobs_successful_result_is_delivered_while_the_status_still_says_running() -> None:
+    provider = LaggingProvider(lag_s=3600.0)  # the service would report the end an hour late
+    with BatchExecutor(provider, f"memory://early-{time.time_ns()}", poll_interval_s=(0.02, 0.1)) as ex:
+        fut = ex.submit(jobs.double, 21)
+        assert fut.result(timeout=20) == 42
+        assert fut.job_status is not None and not fut.job_status.terminal  # the result did not wait for it
+        failing = ex.submit(jobs.fail_on, 3)
+        time.sleep(1.0)
+        assert not failing.done()  # a stored error waits for the job's end: a retry may still succeed
+        failing.cancel()

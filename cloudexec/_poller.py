@@ -263,6 +263,10 @@ class Manager:
             for record in waiting:
                 if record.future is not None:
                     record.future.cancel()
+        try:
+            self.core.provider.at_exit()
+        except Exception as exc:  # noqa: BLE001 - the jobs handed over matter more
+            log.warning("cloudexec: the %s provider's exit step failed: %s", self.core.provider.name, exc)
         if left:
             log.warning(
                 "cloudexec: the interpreter exits without shutdown(): %d job(s) were never handed to the %s "

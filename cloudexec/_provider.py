@@ -266,6 +266,14 @@ class Provider(ABC):
         cmd = ("python", "-m", "cloudexec.runner", job_url)
         return cmd + ("--array",) if array else cmd
 
+    def at_exit(self) -> None:
+        """The interpreter exits without ``shutdown()``; the jobs handed over go on.
+
+        Release what would otherwise outlive them for nothing (Azure: let the
+        executor's shared job complete after its last task). Called once,
+        after the queued jobs were handed over. Default: nothing.
+        """
+
     @abstractmethod
     def submit(self, spec: JobSpec) -> str:
         """Submit a job; return an opaque reference to it (stored in the manifest).

@@ -177,6 +177,21 @@ def test_shared_job_runs_many_submits_as_tasks_of_one_job(
 
 
 @pytest.mark.timeout(120)
+def test_shared_job_completes_after_an_exit_without_shutdown(make_executor: Any, batch: Any) -> None:
+    _wait_quota_free(batch)
+    ex = make_executor(shared_job=True)
+    fut = ex.submit(jobs.nap, 1.0)
+    wait_until(lambda: fut._record.ref is not None, 30)
+    shared = fut.provider_job_id
+    # What the interpreter's exit runs for an executor never shut down (the
+    # jobs handed over go on): the shared job must not stay active, holding a
+    # quota slot, for ever.
+    ex._core.manager.flush_at_exit()
+    assert fut.result(timeout=60) is not None  # its task was not cut short
+    wait_until(lambda: _state(batch, shared) == "completed", 30)
+
+
+@pytest.mark.timeout(120)
 def test_shared_job_refuses_a_priority_per_submit(make_executor: Any, batch: Any) -> None:
     from cloudexec.errors import SubmissionError
 

@@ -90,7 +90,8 @@ Which to pick for many calls:
   per request; the best choice when the calls are known together.
 * ``shared_job=True``: every single ``submit`` becomes a task (id = the
   cloudexec job id) of ONE Azure job the executor creates at its first
-  ``submit`` and lets complete at shutdown. 10,000 submits are 10,000 tasks
+  ``submit`` and lets complete at shutdown (or when the interpreter exits
+  without it). 10,000 submits are 10,000 tasks
   of one job: one quota slot, and a poll lists only the tasks that changed.
   Single submissions then share that job's priority and tags (the ``priority``
   and ``tags`` settings are refused for them), and ``cancel()`` terminates
@@ -99,8 +100,9 @@ Which to pick for many calls:
   tags and terminate reason, but takes a quota slot while it runs.
 
 Provider references (kept in each job's manifest): the Azure job id for a
-single job, ``array:<jobId>/<size>`` for an array, ``task:<sharedJobId>/<taskId>``
-for a single job run in the shared job.
+single job, ``array:<jobId>/<size>`` for an array, ``shared:<sharedJobId>/<taskId>``
+for a single job run in the shared job, ``task:<hostJobId>/<taskId>`` for one
+held as a task of its upstream's job.
 """
 
 from __future__ import annotations
@@ -823,24 +825,20 @@ class AzureBatchProvider(BulkDescribe, Provider):
         # The BatchClient stays open: futures outlive their executor, and their
         # properties (logs, output files) still ask Azure after shutdown().
         self._close_describe()
+        self.at_exit()
+
+    def at_exit(self) -> None:
+        """Let the shared job complete (leaving the quota) after its last task; set once no more tasks come."""
         with self._shared_lock:
             shared, self._shared_id = self._shared_id, None
         if shared is not None:
-            # The shared job completes (and leaves the quota) once its last
-            # task did; set only now, as a job whose tasks all completed
-            # would end while more were still to be added.
             m = self._models()
             try:
                 self.client.update_job(
                     shared, m.BatchJobUpdateOptions(all_tasks_complete_mode=m.BatchAllTasksCompleteMode.TERMINATE_JOB)
                 )
             except Exception as exc:  # noqa: BLE001
-                log.warning(
-                    "cloudexec: could not let the shared Azure job %s complete (terminate it with az batch job "
-                    "stop): %s",
-                    shared,
-                    exc,
-                )
+                log.warning("cloudexec: could not let the shared Azure job %s complete: %s", shared, exc)
 
     def job_location(self, ref: str, index: int | None) -> tuple[str, str]:
         """``(azure_job_id, task_id)`` of a single job's task (``index`` None) or of array child ``index``."""

@@ -79,7 +79,7 @@ class _JobRecord:
         size: int | None,
         chunksize: int = 1,
         n_items: int = 1,
-        call: bytes | None = None,
+        call: bytes | memoryview | None = None,
         inputs: bytes | bytearray | None = None,
         function: str = "",
     ) -> None:
@@ -732,9 +732,12 @@ class BatchExecutor(Executor):
         found: dict[int, BatchFuture[Any]] = {}
         args = _depends.swap_futures(self._core, args, found)
         kwargs = _depends.swap_futures(self._core, kwargs, found)
-        call = _keys.seal(
-            self._core.keys.job_key(job_id), "call", job_id, None, _payload.pack("call", (fn, args, kwargs), ship=True)
+        # Made and signed in one buffer: a big argument is copied once, into the pickle.
+        buffer, start = _payload.pack_with_room(
+            "call", (fn, args, kwargs), room=_keys.seal_room("call", job_id, None), ship=True
         )
+        call = _keys.seal_in_place(self._core.keys.job_key(job_id), "call", job_id, None, buffer, start)
+        del buffer
         record = _JobRecord(
             job_id=job_id,
             store=self._core.store,

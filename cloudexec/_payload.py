@@ -162,6 +162,80 @@ def pack(
     return pack_raw(kind, body, **header)
 
 
+class _Appender:
+    """A file for a pickler that appends to one bytearray (a big ``bytes`` argument is copied once, into it)."""
+
+    def __init__(self, buffer: bytearray) -> None:
+        self.buffer = buffer
+
+    def write(self, data: Any) -> int:
+        self.buffer += data
+        return len(data)
+
+
+class _ViewReader:
+    """A file over a buffer whose reads are views: scanning a pickle copies none of its big arguments."""
+
+    def __init__(self, buffer: bytearray, start: int) -> None:
+        self.buffer, self.view, self.pos = buffer, memoryview(buffer), start
+
+    def read(self, n: int = -1) -> bytes | memoryview:
+        end = len(self.buffer) if n < 0 else min(self.pos + n, len(self.buffer))
+        chunk, self.pos = self.view[self.pos : end], end
+        return chunk if len(chunk) > 4096 else bytes(chunk)  # opcodes are decoded as bytes
+
+    def readline(self) -> bytes:
+        end = self.buffer.find(b"\n", self.pos)
+        end = len(self.buffer) if end < 0 else end + 1
+        line, self.pos = bytes(self.view[self.pos : end]), end
+        return line
+
+    def tell(self) -> int:
+        return self.pos
+
+
+#: Room left before a pickle made by `pack_with_room` for its envelope header
+#: and a signature: when they fit (no shipped module sources), nothing is copied.
+_ROOM = 4096
+
+
+def pack_with_room(
+    kind: str, obj: Any, *, room: int, ship: bool = False, **header: Any
+) -> tuple[memoryview, int]:
+    """`pack`, made in one buffer with ``room`` free bytes before the envelope.
+
+    A large argument is copied once, into the pickle, and never again: the
+    envelope header is written in front of the pickle in place, and the caller
+    signs it there (`cloudexec._keys.seal_in_place`).
+
+    Returns:
+        A view of the buffer and the offset at which the envelope starts;
+        at least ``room`` bytes precede it.
+
+    Raises:
+        PayloadError: ``obj`` cannot be pickled.
+    """
+    dill = _dill()
+    buffer = bytearray(_ROOM)
+    try:
+        dill.dump(obj, _Appender(buffer), recurse=True)
+    except Exception as exc:
+        raise PayloadError(f"cannot pickle the {kind} with dill: {type(exc).__name__}: {exc}") from exc
+    if ship:
+        modules = collect_local_modules([], pickled_module_names(_ViewReader(buffer, _ROOM)))
+        if modules:
+            header["modules"] = modules
+    prefix = pack_raw(kind, b"", **header)
+    start = _ROOM - len(prefix)
+    if start < room:
+        # A big header (shipped module sources): one copy, behind enough room.
+        start = room
+        buffer[:_ROOM] = bytes(room) + prefix
+    view = memoryview(buffer)
+    view[start : start + len(prefix)] = prefix
+    return view, start
+
+
 def pack_raw(kind: str, body: bytes, **header: Any) -> bytes:
     """Wrap an already serialized body in an envelope (see `pack`)."""
     head = {
@@ -526,12 +600,12 @@ def _is_local_file(filename: str) -> bool:
     return not any(real.startswith(root + os.sep) for root in _not_local_roots())
 
 
-def pickled_module_names(body: bytes) -> set[str]:
+def pickled_module_names(body: bytes | _ViewReader) -> set[str]:
     """Names of loaded modules that a pickle refers to (by-reference globals)."""
     import pickletools
 
     names: set[str] = set()
-    for opcode, arg, _ in pickletools.genops(body):
+    for opcode, arg, _ in pickletools.genops(body):  # type: ignore[arg-type]  # _ViewReader reads like a file
         if not isinstance(arg, str):
             continue
         if opcode.name == "GLOBAL":

@@ -26,7 +26,7 @@ class Store(Protocol):
 
     url: str
 
-    def write(self, key: str, data: bytes | bytearray) -> None:
+    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Publish ``data`` under ``key`` atomically, replacing any older object."""
 
     def write_many(self, items: dict[str, bytes]) -> None:
@@ -84,7 +84,7 @@ class LocalStore:
     def _p(self, key: str) -> str:
         return os.path.join(self.path, *key.split("/")) if key else self.path
 
-    def write(self, key: str, data: bytes | bytearray) -> None:
+    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
         target = self._p(key)
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
@@ -157,10 +157,10 @@ class FsspecStore:
     def _p(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
-    def write(self, key: str, data: bytes | bytearray) -> None:
-        # Not every fsspec backend takes a bytearray (an array's inputs are
-        # built in one): those are given bytes.
-        self.fs.pipe_file(self._p(key), bytes(data) if isinstance(data, bytearray) else data)
+    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        # Not every fsspec backend takes a bytearray or a view (an array's
+        # inputs and a call are built in one buffer): those are given bytes.
+        self.fs.pipe_file(self._p(key), bytes(data) if not isinstance(data, bytes) else data)
 
     def write_many(self, items: dict[str, bytes]) -> None:
         if len(items) == 1:

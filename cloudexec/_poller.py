@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 # show a job for a moment after SubmitJob, and shows none 24 h after it ended.
 _MISSING_POLLS = 5
 _MISSING_S = 30.0
+# A poll is followed by a pause of at least this many times its own duration
+# (never beyond the longest poll interval).
+_POLL_COST_RATIO = 4.0
 # Longest stretch the manager spends submitting before it polls again.
 _DISPATCH_SLICE_S = 1.0
 # A job is given up only after this many failed polls in a row AND the
@@ -314,9 +317,14 @@ class Manager:
             if self._dispatch():
                 next_poll = min(next_poll, time.monotonic() + self.min_interval)
             if self.inflight and time.monotonic() >= next_poll:
+                started = time.monotonic()
                 changed = self._poll()
                 interval = self.min_interval if changed else min(interval * 1.5, self.max_interval)
-                next_poll = time.monotonic() + interval
+                # A poll that costs much (listing a folder of 100,000 results)
+                # waits in proportion: the manager keeps to a share of the CPU
+                # and the GIL, and collects more results per poll.
+                spent = time.monotonic() - started
+                next_poll = time.monotonic() + max(interval, min(_POLL_COST_RATIO * spent, self.max_interval))
             with self.cond:
                 if self.stopping and not self.queue and not self.inflight and not self.waiting:
                     return

@@ -471,7 +471,7 @@ class Manager:
         try:
             if not record.stored:  # a job held back by the provider's capacity is stored already
                 assert record.call is not None
-                objects = {_payload.CALL: record.call}
+                objects: dict[str, bytes | bytearray | memoryview] = {_payload.CALL: record.call}
                 if record.inputs is not None:
                     objects[_payload.INPUTS] = record.inputs
                 # The manifest goes before the job: once the provider has the job

@@ -22,6 +22,7 @@ state after submission (besides ``cancel``), through the stdlib's own
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import math
 import re
@@ -29,13 +30,16 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, InvalidStateError
+from collections.abc import Callable, Iterable, Iterator, Sized
+from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from cloudexec._log import log
 from cloudexec import _depends, _keys, _payload, _progress
+from cloudexec._children import CANCELLED as _CHILD_CANCELLED
+from cloudexec._children import FAILED as _CHILD_FAILED
+from cloudexec._children import Children
 from cloudexec._provider import JobInfo, JobStatus, Provider
 from cloudexec._storage import Store, open_store
 from cloudexec._version import __version__
@@ -75,8 +79,8 @@ class _JobRecord:
         size: int | None,
         chunksize: int = 1,
         n_items: int = 1,
-        call: bytes | None = None,
-        inputs: bytes | None = None,
+        call: bytes | memoryview | None = None,
+        inputs: bytes | bytearray | None = None,
         function: str = "",
     ) -> None:
         self.job_id = job_id
@@ -91,8 +95,8 @@ class _JobRecord:
         self.function = function
         self.ref: str | None = None
         self.future: BatchFuture[Any] | None = None
-        self.children: list[BatchFuture[Any]] = []
-        self.children_done: set[int] = set()
+        # An array's children: state bytes, and futures only for those asked for.
+        self.children = Children(0, job_id)
         self.done_below = 0  # every child below this index has its result: results are listed from here
         self.deferred: set[int] = set()  # children whose stored result is an error, kept until the end
         self.missing_polls = 0
@@ -163,7 +167,6 @@ class BatchFuture(Future[T], Generic[T]):
         self._info: JobInfo | None = None
         self._info_at = 0.0
         self._logs: dict[str, str | None] = {}
-        self._outcomes: list[Any] | None = None
 
     def __repr__(self) -> str:
         # Only what is known locally: a repr must never call the provider.
@@ -312,14 +315,6 @@ class BatchFuture(Future[T], Generic[T]):
             if self._state == PENDING:
                 self.set_running_or_notify_cancel()
 
-    def _take_outcomes(self) -> list[Any] | None:
-        """A finished child's outcomes, let go of by the child (``map`` yields each value once)."""
-        with self._condition:
-            outcomes, self._outcomes = self._outcomes, None
-            if outcomes is not None:
-                self._result = None
-            return outcomes
-
     def _finish(self, *, result: Any = None, exception: BaseException | None = None) -> None:
         self._mark_running()
         try:
@@ -348,8 +343,12 @@ class ArrayFuture(BatchFuture[list[T]]):
 
     @property
     def children(self) -> list[BatchFuture[Any]]:
-        """The children's futures, in index order."""
-        return list(self._record.children)
+        """The children's futures, in index order (made on first use: a big map keeps none it need not)."""
+        children = self._record.children
+        return [children.get(i) for i in range(children.size)]
+
+    def _child(self, index: int) -> BatchFuture[Any]:
+        return self._record.children.get(index)
 
     @property
     def size(self) -> int:
@@ -371,8 +370,10 @@ class ArrayFuture(BatchFuture[list[T]]):
         infos = self._core.describe_children(self._record)
         if infos is None:
             return cached or [None] * self.size
-        for child, info in zip(self._record.children, infos):
-            if info is not None:
+        made = self._record.children.futures
+        for index, info in enumerate(infos):
+            child = made.get(index)
+            if child is not None and info is not None:
                 child._set_info(info)
         self._children_info = infos
         self._children_info_at = time.monotonic()
@@ -407,8 +408,8 @@ class ArrayFuture(BatchFuture[list[T]]):
             if self._state == FINISHED:
                 return False
         cancelled = super().cancel()
-        for child in self._record.children:
-            # Local state only: the array was cancelled at the provider as a whole.
+        # Local state only: the array was cancelled at the provider as a whole.
+        for child in self._record.children.cancel_pending():
             if child._cancel_state() is True:
                 child._invoke_callbacks()  # type: ignore[attr-defined]  # the stdlib's own hook
         return cancelled
@@ -731,9 +732,12 @@ class BatchExecutor(Executor):
         found: dict[int, BatchFuture[Any]] = {}
         args = _depends.swap_futures(self._core, args, found)
         kwargs = _depends.swap_futures(self._core, kwargs, found)
-        call = _keys.seal(
-            self._core.keys.job_key(job_id), "call", job_id, None, _payload.pack("call", (fn, args, kwargs), ship=True)
+        # Made and signed in one buffer: a big argument is copied once, into the pickle.
+        buffer, start = _payload.pack_with_room(
+            "call", (fn, args, kwargs), room=_keys.seal_room("call", job_id, None), ship=True
         )
+        call = _keys.seal_in_place(self._core.keys.job_key(job_id), "call", job_id, None, buffer, start)
+        del buffer
         record = _JobRecord(
             job_id=job_id,
             store=self._core.store,
@@ -806,43 +810,60 @@ class BatchExecutor(Executor):
             raise TypeError(f"chunksize must be an int or None; got {chunksize!r}")
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be >= 1 (items per array child); got {chunksize!r}")
-        items = list(zip(*_depends.expand_arrays(iterables)))
+        columns = _depends.expand_arrays(iterables)
+        if not all(isinstance(c, Sized) for c in columns):
+            columns = (list(zip(*columns)),)  # one pass to count them: an iterator is read once
+            items: Iterator[tuple[Any, ...]] = iter(columns[0])
+        else:
+            items = zip(*columns)
+        n_items = min((len(c) for c in columns), default=0)
         if chunksize is None:
-            chunksize = default_chunksize(len(items))
-        chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
-        per_child: list[dict[int, BatchFuture[Any]]] = [{} for _ in chunks]
-        chunks = [_depends.swap_futures(self._core, c, found) for c, found in zip(chunks, per_child)]
-        pickled = [_payload.dumps_chunk(c) for c in chunks]
+            chunksize = default_chunksize(n_items)
+        size = math.ceil(n_items / chunksize)
         name = self._settings.job_name or _default_name(fn)
         job_id = new_job_id(name)
         job_key = self._core.keys.job_key(job_id)
+        # Streamed: one child's items at a time are pickled, sealed (each child
+        # reads only its own slice) and appended to the one inputs buffer, so
+        # no list of N pickles (nor of N chunks) is ever held.
+        inputs = _payload.InputsBuffer(size)
+        modules: set[str] = set()
+        per_child: dict[int, dict[int, BatchFuture[Any]]] = {}
+        for index in range(size):
+            found: dict[int, BatchFuture[Any]] = {}
+            chunk = _depends.swap_futures(self._core, list(itertools.islice(items, chunksize)), found)
+            if found:
+                per_child[index] = found
+            pickled = _payload.dumps_chunk(chunk)
+            modules |= _payload.pickled_module_names(pickled)
+            inputs.add(_keys.seal(job_key, "input", job_id, index, pickled))
+        del columns, items
         call = _keys.seal(
             job_key,
             "call",
             job_id,
             None,
-            _payload.pack("call", (fn, None, None), ship=True, ship_with=pickled, array=True, chunksize=chunksize),
+            _payload.pack("call", (fn, None, None), ship=True, ship_names=modules, array=True, chunksize=chunksize),
         )
-        # Each child's slice is sealed on its own: a child reads only its slice.
-        inputs = _payload.pack_inputs([_keys.seal(job_key, "input", job_id, i, c) for i, c in enumerate(pickled)])
         record = _JobRecord(
             job_id=job_id,
             store=self._core.store,
             name=name,
             settings=self._settings,
-            size=len(chunks),
+            size=size,
             chunksize=chunksize,
-            n_items=len(items),
+            n_items=n_items,
             call=call,
-            inputs=inputs,
+            inputs=inputs.getvalue(),
             function=_function_path(fn),
         )
-        _depends.plan_array(self._core, record, per_child, sequential)
+        del inputs
+        _depends.plan_array(self._core, record, size, per_child, sequential)
         future: ArrayFuture[T] = self.array_future_class(self._core, record)
         record.future = future
         record.streaming = streaming
-        record.children = [self.future_class(self._core, record, i) for i in range(len(chunks))]
-        if not chunks:
+        record.children = self._new_children(record)
+        if not size:
             # Nothing to run: an empty array job would be rejected by every provider.
             with self._core.shutdown_lock:
                 if self._core.shutdown:
@@ -854,6 +875,13 @@ class BatchExecutor(Executor):
             future._progress = _progress.ProgressBar(future, self._core.provider.status_enum, tqdm_class)
             future._progress.start()
         return future
+
+    def _new_children(self, record: _JobRecord) -> Children:
+        """An array's children: none of their futures is made until asked for."""
+        core, future_class = self._core, self.future_class
+        children = Children(record.size or 0, record.job_id, lambda index: future_class(core, record, index))
+        children.chunksize = record.chunksize
+        return children
 
     def _enqueue(self, record: _JobRecord) -> None:
         with self._core.shutdown_lock:
@@ -948,7 +976,7 @@ class BatchExecutor(Executor):
             return future
         if not isinstance(future, ArrayFuture) or not 0 <= index < future.size:
             raise JobNotFoundError(f"job {future.job_id} has no array child {index}")
-        return future.children[index]
+        return future._child(index)
 
     def _track_attached(self, manifest: dict[str, Any]) -> BatchFuture[Any]:
         core = self._core
@@ -977,7 +1005,7 @@ class BatchExecutor(Executor):
         record.attached = True
         if is_array:
             future = self.array_future_class(core, record)
-            record.children = [self.future_class(core, record, i) for i in range(record.size or 0)]
+            record.children = self._new_children(record)
         else:
             future = self.future_class(core, record)
         record.future = future
@@ -987,7 +1015,7 @@ class BatchExecutor(Executor):
         # A job that ended long ago is finished at once (else it reads pending
         # until the next poll); one still running is then followed.
         core.manager.refresh(record)
-        if not (future.done() and all(child.done() for child in record.children)):
+        if not (future.done() and record.children.all_done()):
             with core.shutdown_lock:
                 if core.shutdown:
                     raise RuntimeError("cannot attach to jobs after shutdown")
@@ -1015,20 +1043,20 @@ def _map_results(array: ArrayFuture[Any], end_time: float | None) -> Iterator[An
     no local variable holds the value across a ``yield``.
     """
     consumed = False
+    children = array._record.children
     try:
-        for index in range(array.size):
-            child = array._record.children[index]
-            remaining = None if end_time is None else end_time - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError()
-            child.exception(remaining)  # waits; raises CancelledError/TimeoutError
-            outcomes = child._take_outcomes()
-            if outcomes is None:
-                yield child.result()  # raises the child's error
-                continue
-            outcomes.reverse()
-            while outcomes:
-                yield _payload.outcome_value(outcomes.pop())
+        for index in range(children.size):
+            # One condition for the whole array: no per-child Future is made.
+            code = children.wait(index, end_time)
+            outcomes = children.take(index)
+            if outcomes is not None:
+                outcomes.reverse()
+                while outcomes:
+                    yield _payload.outcome_value(outcomes.pop())
+            if code == _CHILD_CANCELLED:
+                raise CancelledError()
+            if code == _CHILD_FAILED:
+                raise children.error(index)
         consumed = True
     finally:
         # Only an iterator left before its end (closed, collected, or raising

@@ -148,18 +148,19 @@ def plan_single(core: _Core, record: _JobRecord, found: dict[int, BatchFuture[An
 
 
 def plan_array(
-    core: _Core, record: _JobRecord, per_child: list[dict[int, BatchFuture[Any]]], sequential: bool
+    core: _Core, record: _JobRecord, size: int, per_child: dict[int, dict[int, BatchFuture[Any]]], sequential: bool
 ) -> None:
     """Record what an array job waits for.
 
-    Child i of an upstream array of the same size, found only in child i's
-    items, becomes one ``n_to_n`` dependency (child waits for child); every
-    other future one ``job`` dependency of the whole array.
+    ``per_child`` holds, for each child of the ``size`` whose items hold
+    futures, those futures (by ``id``). Child i of an upstream array of the
+    same size, found only in child i's items, becomes one ``n_to_n``
+    dependency (child waits for child); every other future one ``job``
+    dependency of the whole array.
     """
-    size = len(per_child)
     by_array: dict[str, list[tuple[int, BatchFuture[Any]]]] = {}
     singles: dict[int, BatchFuture[Any]] = {}
-    for k, found in enumerate(per_child):
+    for k, found in per_child.items():
         for future in found.values():
             if future._index is not None and record.chunksize == 1:
                 by_array.setdefault(future._record.job_id, []).append((k, future))

@@ -251,7 +251,7 @@ def _claim(kind: str, job_id: str, index: int | None) -> bytes:
     return f"{kind} {job_id} {'-' if index is None else index}".encode()
 
 
-def _tag(key: bytes, claim: bytes, payload: bytes) -> bytes:
+def _tag(key: bytes, claim: bytes, payload: bytes | memoryview) -> bytes:
     mac = hmac.new(key, _MAGIC, hashlib.sha256)
     mac.update(len(claim).to_bytes(2, "big"))
     mac.update(claim)
@@ -275,6 +275,28 @@ def seal(key: bytes, kind: str, job_id: str, index: int | None, payload: bytes) 
     """
     claim = _claim(kind, job_id, index)
     return _MAGIC + len(claim).to_bytes(2, "big") + claim + _tag(key, claim, payload) + payload
+
+
+def seal_room(kind: str, job_id: str, index: int | None) -> int:
+    """Bytes `seal_in_place` writes in front of the payload."""
+    return len(_MAGIC) + 2 + len(_claim(kind, job_id, index)) + _TAG
+
+
+def seal_in_place(
+    key: bytes, kind: str, job_id: str, index: int | None, buffer: memoryview, start: int
+) -> memoryview:
+    """`seal` of ``buffer[start:]``, written into the `seal_room` bytes before ``start``.
+
+    Returns the sealed object as a view of ``buffer``: the payload (a call
+    with a 100 MiB argument) is not copied again.
+    """
+    claim = _claim(kind, job_id, index)
+    head = _MAGIC + len(claim).to_bytes(2, "big") + claim
+    begin = start - len(head) - _TAG
+    if begin < 0:
+        raise ValueError(f"seal_in_place needs {len(head) + _TAG} bytes before the payload; got {start}")
+    buffer[begin:start] = head + _tag(key, claim, buffer[start:])
+    return buffer[begin:]
 
 
 def open_sealed(

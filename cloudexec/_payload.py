@@ -124,7 +124,15 @@ def _dill() -> Any:
     return dill
 
 
-def pack(kind: str, obj: Any, *, ship_with: Sequence[bytes] = (), ship: bool = False, **header: Any) -> bytes:
+def pack(
+    kind: str,
+    obj: Any,
+    *,
+    ship_with: Sequence[bytes] = (),
+    ship_names: Iterable[str] = (),
+    ship: bool = False,
+    **header: Any,
+) -> bytes:
     """Serialize ``obj`` with dill into a versioned envelope.
 
     Args:
@@ -133,6 +141,8 @@ def pack(kind: str, obj: Any, *, ship_with: Sequence[bytes] = (), ship: bool = F
         ship: add the source of client-only modules the pickle (and the
             ``ship_with`` pickles) refer to; see `collect_local_modules`.
         ship_with: other pickles travelling with this one (array inputs).
+        ship_names: the `pickled_module_names` of pickles travelling with
+            this one, gathered as they were made (an array's inputs, streamed).
         **header: extra JSON-serialisable header fields.
 
     Raises:
@@ -146,10 +156,84 @@ def pack(kind: str, obj: Any, *, ship_with: Sequence[bytes] = (), ship: bool = F
     except Exception as exc:
         raise PayloadError(f"cannot pickle the {kind} with dill: {type(exc).__name__}: {exc}") from exc
     if ship:
-        modules = collect_local_modules([body, *ship_with])
+        modules = collect_local_modules([body, *ship_with], ship_names)
         if modules:
             header["modules"] = modules
     return pack_raw(kind, body, **header)
+
+
+class _Appender:
+    """A file for a pickler that appends to one bytearray (a big ``bytes`` argument is copied once, into it)."""
+
+    def __init__(self, buffer: bytearray) -> None:
+        self.buffer = buffer
+
+    def write(self, data: Any) -> int:
+        self.buffer += data
+        return len(data)
+
+
+class _ViewReader:
+    """A file over a buffer whose reads are views: scanning a pickle copies none of its big arguments."""
+
+    def __init__(self, buffer: bytearray, start: int) -> None:
+        self.buffer, self.view, self.pos = buffer, memoryview(buffer), start
+
+    def read(self, n: int = -1) -> bytes | memoryview:
+        end = len(self.buffer) if n < 0 else min(self.pos + n, len(self.buffer))
+        chunk, self.pos = self.view[self.pos : end], end
+        return chunk if len(chunk) > 4096 else bytes(chunk)  # opcodes are decoded as bytes
+
+    def readline(self) -> bytes:
+        end = self.buffer.find(b"\n", self.pos)
+        end = len(self.buffer) if end < 0 else end + 1
+        line, self.pos = bytes(self.view[self.pos : end]), end
+        return line
+
+    def tell(self) -> int:
+        return self.pos
+
+
+#: Room left before a pickle made by `pack_with_room` for its envelope header
+#: and a signature: when they fit (no shipped module sources), nothing is copied.
+_ROOM = 4096
+
+
+def pack_with_room(
+    kind: str, obj: Any, *, room: int, ship: bool = False, **header: Any
+) -> tuple[memoryview, int]:
+    """`pack`, made in one buffer with ``room`` free bytes before the envelope.
+
+    A large argument is copied once, into the pickle, and never again: the
+    envelope header is written in front of the pickle in place, and the caller
+    signs it there (`cloudexec._keys.seal_in_place`).
+
+    Returns:
+        A view of the buffer and the offset at which the envelope starts;
+        at least ``room`` bytes precede it.
+
+    Raises:
+        PayloadError: ``obj`` cannot be pickled.
+    """
+    dill = _dill()
+    buffer = bytearray(_ROOM)
+    try:
+        dill.dump(obj, _Appender(buffer), recurse=True)
+    except Exception as exc:
+        raise PayloadError(f"cannot pickle the {kind} with dill: {type(exc).__name__}: {exc}") from exc
+    if ship:
+        modules = collect_local_modules([], pickled_module_names(_ViewReader(buffer, _ROOM)))
+        if modules:
+            header["modules"] = modules
+    prefix = pack_raw(kind, b"", **header)
+    start = _ROOM - len(prefix)
+    if start < room:
+        # A big header (shipped module sources): one copy, behind enough room.
+        start = room
+        buffer[:_ROOM] = bytes(room) + prefix
+    view = memoryview(buffer)
+    view[start : start + len(prefix)] = prefix
+    return view, start
 
 
 def pack_raw(kind: str, body: bytes, **header: Any) -> bytes:
@@ -360,11 +444,35 @@ def pack_inputs(chunks: Sequence[bytes]) -> bytes:
     chunk i is ``data[offsets[i]:offsets[i+1]]``. A child thus needs two
     small range reads, whatever the size of the array.
     """
-    offsets = [0]
+    buffer = InputsBuffer(len(chunks))
     for chunk in chunks:
-        offsets.append(offsets[-1] + len(chunk))
-    table = b"".join(_U64.pack(o) for o in offsets)
-    return _INDEX_MAGIC + _U64.pack(len(chunks)) + table + b"".join(chunks)
+        buffer.add(chunk)
+    return bytes(buffer.getvalue())
+
+
+class InputsBuffer:
+    """`pack_inputs` built one chunk at a time, in one buffer: the chunks are never all held twice."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._added = 0
+        # The table's size is known up front, so each offset is written in place.
+        self._buffer = bytearray(_INDEX_MAGIC + _U64.pack(count) + bytes(8 * (count + 1)))
+        self._data_start = len(self._buffer)
+
+    def add(self, chunk: bytes) -> None:
+        """Append the next chunk (raises ValueError past the count given)."""
+        if self._added >= self._count:
+            raise ValueError(f"an inputs table for {self._count} chunks got one more")
+        self._buffer += chunk
+        self._added += 1
+        _U64.pack_into(self._buffer, 16 + 8 * self._added, len(self._buffer) - self._data_start)
+
+    def getvalue(self) -> bytearray:
+        """The whole object (not a copy); ValueError if fewer chunks than the count were added."""
+        if self._added != self._count:
+            raise ValueError(f"an inputs table for {self._count} chunks got {self._added}")
+        return self._buffer
 
 
 def read_input_slice(read: Any, index: int) -> bytes:
@@ -492,12 +600,12 @@ def _is_local_file(filename: str) -> bool:
     return not any(real.startswith(root + os.sep) for root in _not_local_roots())
 
 
-def _pickled_module_names(body: bytes) -> set[str]:
+def pickled_module_names(body: bytes | _ViewReader) -> set[str]:
     """Names of loaded modules that a pickle refers to (by-reference globals)."""
     import pickletools
 
     names: set[str] = set()
-    for opcode, arg, _ in pickletools.genops(body):
+    for opcode, arg, _ in pickletools.genops(body):  # type: ignore[arg-type]  # _ViewReader reads like a file
         if not isinstance(arg, str):
             continue
         if opcode.name == "GLOBAL":
@@ -547,7 +655,7 @@ def _imports_at_load(source: str, name: str, is_pkg: bool) -> frozenset[str]:
     return frozenset(found)
 
 
-def collect_local_modules(bodies: Iterable[bytes]) -> dict[str, dict[str, Any]]:
+def collect_local_modules(bodies: Iterable[bytes], names: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
     """Source of the user modules a call needs: those its pickles refer to, and what they import.
 
     dill pickles functions and classes of importable modules by reference, so
@@ -562,9 +670,9 @@ def collect_local_modules(bodies: Iterable[bytes]) -> dict[str, dict[str, Any]]:
     the modules their top-level code imports), never every module reachable
     from their globals: a ``config.py`` the call does not import stays home.
     """
-    pending: list[str] = []
+    pending: list[str] = list(names)  # already read out of pickles made earlier
     for body in bodies:
-        pending.extend(_pickled_module_names(body))
+        pending.extend(pickled_module_names(body))
     shipped: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
     while pending:

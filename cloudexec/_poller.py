@@ -20,11 +20,14 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cloudexec._log import log
 from cloudexec import _depends, _keys, _payload
 from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
+from cloudexec._children import FAILED as _CHILD_FAILED
+from cloudexec._children import naming_the_job
 from cloudexec._provider import CannotHold, CapacityReached, JobInfo, JobSpec, Phase
 from cloudexec._storage import Store
 from cloudexec.errors import CloudExecError, IntegrityError, JobUnreachableError, PayloadError, SubmissionError
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
 # show a job for a moment after SubmitJob, and shows none 24 h after it ended.
 _MISSING_POLLS = 5
 _MISSING_S = 30.0
+# A poll is followed by a pause of at least this many times its own duration
+# (never beyond the longest poll interval).
+_POLL_COST_RATIO = 4.0
 # Longest stretch the manager spends submitting before it polls again.
 _DISPATCH_SLICE_S = 1.0
 # A job is given up only after this many failed polls in a row AND the
@@ -96,13 +102,19 @@ def _flush_all_at_exit() -> None:
             log.exception("cloudexec: handing queued jobs over at exit failed")
 
 
-def _naming_the_job(exc: BaseException, job_id: str) -> BaseException:
-    """cloudexec's own payload errors name the job they belong to (user exceptions stay as raised)."""
-    if type(exc) is PayloadError and job_id not in str(exc):
-        named = PayloadError(f"job {job_id}: {exc}")
-        named.__cause__ = exc
-        return named
-    return exc
+_naming_the_job = naming_the_job
+
+
+def _fail_unfinished(record: _JobRecord, error: Callable[[str], BaseException], *, children_first: bool = True) -> None:
+    """End a job's future and its unfinished children with ``error(job id)`` (each child's made on demand)."""
+    made = record.children.fail_pending(error)
+    futures = [*made, record.future] if children_first else [record.future, *made]
+    for future in futures:
+        if future is not None and not future.done():
+            try:
+                future._finish(exception=error(future.job_id))
+            except BaseException:  # noqa: BLE001 - a callback raised; the other futures still end
+                log.exception("cloudexec: a done-callback of %s raised", future.job_id)
 
 
 class _Hold:
@@ -315,9 +327,14 @@ class Manager:
             if self._dispatch():
                 next_poll = min(next_poll, time.monotonic() + self.min_interval)
             if self.inflight and time.monotonic() >= next_poll:
+                started = time.monotonic()
                 changed = self._poll()
                 interval = self.min_interval if changed else min(interval * 1.5, self.max_interval)
-                next_poll = time.monotonic() + interval
+                # A poll that costs much (listing a folder of 100,000 results)
+                # waits in proportion: the manager keeps to a share of the CPU
+                # and the GIL, and collects more results per poll.
+                spent = time.monotonic() - started
+                next_poll = time.monotonic() + max(interval, min(_POLL_COST_RATIO * spent, self.max_interval))
             with self.cond:
                 if self.stopping and not self.queue and not self.inflight and not self.waiting:
                     return
@@ -368,13 +385,9 @@ class Manager:
             self.waiting.clear()
             self.inflight.clear()
             self.cond.notify_all()
+        broken = self.broken
         for record in records:
-            for future in [*record.children, record.future]:
-                if future is not None and not future.done():
-                    try:
-                        future._finish(exception=BrokenExecutor(f"job {future.job_id}: {self.broken}"))
-                    except BaseException:  # noqa: BLE001 - a callback again; the other futures still end
-                        log.exception("cloudexec: a done-callback of %s raised", future.job_id)
+            _fail_unfinished(record, lambda job_id: BrokenExecutor(f"job {job_id}: {broken}"))
 
     def job_store(self, record: _JobRecord) -> Store:
         store = self._job_stores.get(record.job_id)
@@ -434,9 +447,7 @@ class Manager:
                 with self.cond:
                     self.inflight.pop(record.job_id, None)
                     self._job_stores.pop(record.job_id, None)
-                for fut in [record.future, *record.children]:
-                    if fut is not None and not fut.done():
-                        fut._finish(exception=exc)
+                _fail_unfinished(record, lambda _job_id, exc=exc: exc, children_first=False)  # type: ignore[misc]
             else:
                 with self.cond:
                     self.hold_reason = None
@@ -470,7 +481,7 @@ class Manager:
         try:
             if not record.stored:  # a job held back by the provider's capacity is stored already
                 assert record.call is not None
-                objects = {_payload.CALL: record.call}
+                objects: dict[str, bytes | bytearray | memoryview] = {_payload.CALL: record.call}
                 if record.inputs is not None:
                     objects[_payload.INPUTS] = record.inputs
                 # The manifest goes before the job: once the provider has the job
@@ -565,7 +576,7 @@ class Manager:
                 return False
             if record.is_array:
                 changed = self._collect_children(record, final=False)
-                if all(c.done() for c in record.children):
+                if record.children.all_done():
                     self._finish_array(record)
                     self._drop(record)
                     return True
@@ -670,7 +681,7 @@ class Manager:
             try:
                 if record.is_array:
                     changed |= self._collect_children(record, final=False)
-                    if all(c.done() for c in record.children) and not future_done(record):
+                    if record.children.all_done() and not future_done(record):
                         self._finish_array(record)
                     if future_done(record):
                         self._drop(record)
@@ -699,13 +710,10 @@ class Manager:
         if record.failures < _MIN_FAILURES or waited < self.core.give_up_s:
             return False
         log.error("cloudexec: giving up job %s after %d failures: %s", record.job_id, record.failures, error)
-        for future in [*record.children, record.future]:
-            if future is not None and not future.done():
-                future._finish(
-                    exception=JobUnreachableError(
-                        future.job_id, reason=record.last_error, failures=record.failures, waited_s=waited
-                    )
-                )
+        _fail_unfinished(
+            record,
+            lambda job_id: JobUnreachableError(job_id, reason=record.last_error, failures=record.failures, waited_s=waited),
+        )
         self._drop(record)
         return True
 
@@ -748,7 +756,7 @@ class Manager:
         store = self.job_store(record)
         if record.is_array:
             self._collect_children(record, final=False, accept_errors=True)
-            if all(c.done() for c in record.children):
+            if record.children.all_done():
                 self._drop(record)
                 return True
         elif store.exists(_payload.RESULT):
@@ -825,7 +833,6 @@ class Manager:
         if isinstance(outcomes, BaseException):
             future._finish(exception=_naming_the_job(outcomes, record.job_id))
         elif outcomes:
-            future._outcomes = outcomes
             try:
                 value = _payload.raise_or_return(outcomes)
             except BaseException as exc:  # noqa: BLE001 - the user's exception, re-raised by result()
@@ -856,7 +863,8 @@ class Manager:
         # Only the names after the last child every earlier one of which has its
         # result: a poll lists what is new (plus the few children that ended out
         # of order), not all N names again.
-        while record.done_below in record.children_done:
+        children = record.children
+        while record.done_below < children.size and children.done(record.done_below):
             record.done_below += 1
         start_after = _payload.result_name(record.done_below - 1) if record.done_below else None
         names = store.list(_payload.RESULTS_DIR, start_after=start_after)
@@ -866,7 +874,7 @@ class Manager:
             if stem is None or not stem.isdigit():
                 continue
             index = int(stem)
-            if index in record.children_done or index >= len(record.children):
+            if index >= children.size or children.done(index):
                 continue
             new.append(index)
         # The new results in one bulk read (concurrent GETs on object stores).
@@ -891,16 +899,14 @@ class Manager:
             # result could not be read now must not count as missing.
             raise failed
         if final:
-            missing = [
-                i for i in range(len(record.children)) if i not in record.children_done and i not in record.unverified
-            ]
+            missing = [i for i in children.pending() if i not in record.unverified]
             if missing:
                 if infos is None:
                     infos = self.core.describe_children(record) or []
                 for index in missing:
                     child_info = infos[index] if index < len(infos) else None
-                    child = record.children[index]
-                    if child_info is not None:
+                    child = children.futures.get(index)
+                    if child is not None and child_info is not None:
                         child._set_info(child_info)
                     error = job_failed(record, index, child_info, self.core.provider)
                     self._finish_child(record, index, error)
@@ -908,57 +914,34 @@ class Manager:
         # The array's own future ends with the array job (so that its properties
         # are final when result() returns), even if every child already has a result.
         ended = final or accept_errors
-        if ended and len(record.children_done) == len(record.children) and not future_done(record):
+        if ended and children.all_done() and not future_done(record):
             self._finish_array(record)
             changed = True
         return changed
 
     def _finish_child(self, record: _JobRecord, index: int, outcomes: list[Any] | BaseException) -> None:
-        record.children_done.add(index)
-        child = record.children[index]
+        children = record.children
         if isinstance(outcomes, BaseException):
-            child._finish(exception=_naming_the_job(outcomes, child.job_id))
-            return
-        child._outcomes = outcomes
-        try:
-            if record.chunksize == 1:
-                value: Any = _payload.outcome_value(outcomes[0])
-            else:
-                value = [_payload.outcome_value(o) for o in outcomes]
-        except BaseException as exc:  # noqa: BLE001
-            child._finish(exception=_naming_the_job(exc, child.job_id))
-        else:
-            child._finish(result=value)
+            outcomes = _naming_the_job(outcomes, children.child_id(index))
+        children.finish(index, outcomes)
 
     def _finish_array(self, record: _JobRecord) -> None:
         future = record.future
         assert isinstance(future, ArrayFuture)
+        children = record.children
+        problem = children.first_problem()
+        if problem is not None:
+            index, code = problem
+            if code == _CHILD_FAILED:
+                future._finish(exception=children.error(index))
+            else:
+                future._finish(exception=CancelledError(f"child {children.child_id(index)} was cancelled"))
+            return
         if record.streaming:
-            # map()'s iterator has the values (and may have taken them already).
-            for child in record.children:
-                if child.cancelled():
-                    future._finish(exception=CancelledError(f"child {child.job_id} was cancelled"))
-                    return
-                error = child.exception(0)
-                if error is not None:
-                    future._finish(exception=error)
-                    return
-            future._finish(result=None)
+            future._finish(result=None)  # map()'s iterator has the values (and may have taken them already)
             return
         values: list[Any] = []
-        for child in record.children:
-            if child.cancelled():
-                future._finish(exception=CancelledError(f"child {child.job_id} was cancelled"))
-                return
-            if child._outcomes is None:
-                exc = child.exception(0)
-                assert exc is not None
-                future._finish(exception=exc)
-                return
-            for outcome in child._outcomes:
-                if outcome[0] != "ok":
-                    future._finish(exception=child.exception(0))
-                    return
-                values.append(outcome[1])
+        for index in range(children.size):
+            values.extend(outcome[1] for outcome in children.outcomes[index])
+        children.keep_values(values)
         future._finish(result=values)
-

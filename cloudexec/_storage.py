@@ -26,10 +26,10 @@ class Store(Protocol):
 
     url: str
 
-    def write(self, key: str, data: bytes) -> None:
+    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Publish ``data`` under ``key`` atomically, replacing any older object."""
 
-    def write_many(self, items: dict[str, bytes]) -> None:
+    def write_many(self, items: dict[str, bytes | bytearray | memoryview]) -> None:
         """`write` each ``key: data`` (concurrently where the store can); raise if any write failed."""
 
     def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -84,7 +84,7 @@ class LocalStore:
     def _p(self, key: str) -> str:
         return os.path.join(self.path, *key.split("/")) if key else self.path
 
-    def write(self, key: str, data: bytes) -> None:
+    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
         target = self._p(key)
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
@@ -94,7 +94,7 @@ class LocalStore:
             fh.write(data)
         os.replace(tmp, target)
 
-    def write_many(self, items: dict[str, bytes]) -> None:
+    def write_many(self, items: dict[str, bytes | bytearray | memoryview]) -> None:
         for key, data in items.items():
             self.write(key, data)
 
@@ -157,16 +157,18 @@ class FsspecStore:
     def _p(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
-    def write(self, key: str, data: bytes) -> None:
-        self.fs.pipe_file(self._p(key), data)
+    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        # Not every fsspec backend takes a bytearray or a view (an array's
+        # inputs and a call are built in one buffer): those are given bytes.
+        self.fs.pipe_file(self._p(key), bytes(data) if not isinstance(data, bytes) else data)
 
-    def write_many(self, items: dict[str, bytes]) -> None:
+    def write_many(self, items: dict[str, bytes | bytearray | memoryview]) -> None:
         if len(items) == 1:
             key, data = next(iter(items.items()))
             self.write(key, data)
             return
         # fsspec's bulk pipe: s3fs and adlfs send the PUTs concurrently.
-        self.fs.pipe({self._p(key): data for key, data in items.items()})
+        self.fs.pipe({self._p(key): data if isinstance(data, bytes) else bytes(data) for key, data in items.items()})
 
     def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         data: bytes = self.fs.cat_file(self._p(key), start=start, end=end)

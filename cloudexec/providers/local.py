@@ -84,6 +84,8 @@ class LocalJobStatus(JobStatus):
 
 
 S = LocalJobStatus
+_STATUSES = list(S)
+_STATUS_CODE = {status: chr(48 + i) for i, status in enumerate(_STATUSES)}
 
 
 class _Task:
@@ -116,16 +118,19 @@ class _Task:
         self.proc: subprocess.Popen[bytes] | None = None
         self.started: float | None = None
         self.kill_reason: str | None = None
-        self.history: list[str] = [S.SUBMITTED.value]
-        # Tasks that must succeed before this one may run (its dependencies).
-        self.waits: list[_Task] = []
+        # One character per status it went through (an index into _STATUSES):
+        # a 100,000-child array keeps a short string per child, not a list.
+        self.history = _STATUS_CODE[S.SUBMITTED]
+        # Tasks that must succeed before this one may run (its dependencies);
+        # the shared empty tuple for the many that wait for none.
+        self.waits: Sequence[_Task] = ()
 
     def set(self, status: LocalJobStatus) -> None:
         counts = self.job.counts
         counts[self.status] -= 1
         counts[status] += 1
         self.status = status
-        self.history.append(status.value)
+        self.history += _STATUS_CODE[status]
 
     def info(self) -> JobInfo:
         return JobInfo(
@@ -134,7 +139,7 @@ class _Task:
             status_reason=self.reason,
             provider_job_id=self.job.job_id if self.index is None else f"{self.job.job_id}:{self.index}",
             attempts=self.attempts,
-            extra={"status_history": list(self.history), "pid": self.pid},
+            extra={"status_history": [_STATUSES[ord(c) - 48].value for c in self.history], "pid": self.pid},
         )
 
     def log_path(self, stream: str) -> str:
@@ -345,7 +350,8 @@ class _Scheduler:
                     "Pass its result instead (future.result())."
                 )
             for task, waits in zip(job.tasks, dep.waits(job.tasks, upstream.tasks)):
-                task.waits.extend(waits)
+                if waits:
+                    task.waits = [*task.waits, *waits]
 
     def _release(self) -> None:
         """Queue the pending tasks whose dependencies all succeeded; fail those of which one failed."""

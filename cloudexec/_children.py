@@ -24,7 +24,7 @@ from cloudexec import _payload
 from cloudexec.errors import PayloadError
 
 if TYPE_CHECKING:
-    from cloudexec._base import BatchFuture
+    from cloudexec._futures import BatchFuture
 
 __all__ = ["Children", "naming_the_job", "PENDING", "OK", "FAILED", "CANCELLED"]
 

@@ -32,14 +32,13 @@ arise: a job can only wait for futures that existed before it was submitted.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cloudexec import _payload
 from cloudexec._provider import Dependency
 from cloudexec.errors import JobFailedError
 
-if TYPE_CHECKING:
-    from cloudexec._base import BatchFuture, _Core, _JobRecord
+from cloudexec._futures import ArrayFuture, BatchFuture, _Core, _JobRecord, how_it_ended, succeeded
 
 __all__ = [
     "swap_futures",
@@ -50,12 +49,7 @@ __all__ = [
     "submitted",
     "hold_in_client",
     "waits_in_client",
-    "upstream_hint",
 ]
-
-
-def _succeeded(future: BatchFuture[Any]) -> bool:
-    return future.done() and not future.cancelled() and future.exception(0) is None
 
 
 def swap_futures(core: _Core, obj: Any, found: dict[int, BatchFuture[Any]]) -> Any:
@@ -68,8 +62,6 @@ def swap_futures(core: _Core, obj: Any, found: dict[int, BatchFuture[Any]]) -> A
         ValueError: a future of another executor (another provider, storage
             or key): its job's result could not be read by this executor's jobs.
     """
-
-    from cloudexec._base import ArrayFuture, BatchFuture
 
     def swap(item: Any) -> Any:
         if not isinstance(item, BatchFuture):
@@ -84,7 +76,7 @@ def swap_futures(core: _Core, obj: Any, found: dict[int, BatchFuture[Any]]) -> A
                 "executor (its with_settings views share it)."
             )
         record = future._record
-        if _succeeded(future) and not record.streaming:
+        if succeeded(future) and not record.streaming:
             return future.result()
         found[id(future)] = future
         if isinstance(future, ArrayFuture):
@@ -100,8 +92,6 @@ def expand_arrays(iterables: tuple[Any, ...]) -> tuple[Any, ...]:
     Raises:
         ValueError: the array packs several items per child (``chunksize > 1``).
     """
-    from cloudexec._base import ArrayFuture
-
     out = []
     for iterable in iterables:
         if isinstance(iterable, ArrayFuture):
@@ -197,14 +187,6 @@ def waits_in_client(record: _JobRecord, kinds: frozenset[str]) -> bool:
     )
 
 
-def _how_it_ended(future: BatchFuture[Any]) -> str:
-    if future.cancelled():
-        return "was cancelled"
-    error = future.exception(0)
-    text = f"{type(error).__name__}: {error}"
-    return "failed (" + (text if len(text) <= 300 else text[:297] + "...") + ")"
-
-
 def depends_on(record: _JobRecord) -> tuple[Dependency, ...] | JobFailedError:
     """The provider dependencies of a job about to be submitted, or the error ending it unsubmitted.
 
@@ -218,9 +200,9 @@ def depends_on(record: _JobRecord) -> tuple[Dependency, ...] | JobFailedError:
             continue
         upstream = future._record
         if future.done():
-            if _succeeded(future):
+            if succeeded(future):
                 continue
-            return _never_ran(record, future.job_id, _how_it_ended(future))
+            return _never_ran(record, future.job_id, how_it_ended(future))
         if upstream.ref is None:
             return _never_ran(
                 record,
@@ -253,18 +235,3 @@ def _never_ran(record: _JobRecord, upstream_id: str, how: str) -> JobFailedError
         exit_code=None,
         hint="It was never submitted: a job runs only once every job whose future it was given succeeded.",
     )
-
-
-def upstream_hint(record: _JobRecord) -> str | None:
-    """For a dependent that ended without a result: which upstream job failed, and how."""
-    if not record.upstream_ids:
-        return None
-    failed = []
-    for job_id, ref in record.upstream_ids:
-        future = ref()
-        if future is not None and future.done() and not _succeeded(future):
-            failed.append(f"upstream job {job_id} {_how_it_ended(future)}")
-    if failed:
-        return "It did not run because " + "; ".join(failed) + "."
-    ids = ", ".join(job_id for job_id, _ in record.upstream_ids)
-    return f"It waited for job(s) {ids}; if one of them failed, it never ran (see their futures)."

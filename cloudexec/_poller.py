@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from cloudexec._log import log
 from cloudexec import _depends, _keys, _payload
-from cloudexec._base import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
+from cloudexec._futures import CANCEL_REASON, ArrayFuture, _JobRecord, job_failed
 from cloudexec._children import FAILED as _CHILD_FAILED
 from cloudexec._children import naming_the_job
 from cloudexec._provider import CannotHold, CapacityReached, JobInfo, JobSpec, Phase
 from cloudexec._storage import Store
-from cloudexec.errors import CloudExecError, IntegrityError, JobUnreachableError, PayloadError, SubmissionError
+from cloudexec.errors import CloudExecError, IntegrityError, JobUnreachableError, SubmissionError
 
 if TYPE_CHECKING:
-    from cloudexec._base import _Core
+    from cloudexec._futures import _Core
 
 
 # A job the provider does not (yet, or any more) know, and that left no result,

@@ -1069,3 +1069,47 @@ def test_a_single_jobs_successful_result_is_delivered_while_the_status_still_say
         time.sleep(1.0)
         assert not failing.done()  # a stored error waits for the job's end: a retry may still succeed
         failing.cancel()
+
+
+def test_the_core_modules_import_each_other_without_a_cycle() -> None:
+    """The executor, its manager thread and the futures form layers: no module imports
+    one that imports it back, not even lazily inside a function (type-only imports aside)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(cloudexec.__file__).parent
+    core = {p.stem for p in root.glob("_*.py") if p.stem != "__init__"}
+    edges: dict[str, set[str]] = {name: set() for name in core}
+
+    def imported(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "cloudexec":
+                return [alias.name for alias in node.names]
+            return [node.module.removeprefix("cloudexec.")]
+        if isinstance(node, ast.Import):
+            return [alias.name.removeprefix("cloudexec.") for alias in node.names]
+        return []
+
+    for name in core:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        type_only: set[int] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                type_only.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+        for node in ast.walk(tree):
+            if id(node) not in type_only:
+                edges[name].update(m for m in imported(node) if m in core and m != name)
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in edges[node]:
+                if nxt == start:
+                    return [*path, nxt]
+                if nxt not in path:
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    cycles = [c for c in map(cycle_from, sorted(core)) if c]
+    assert not cycles, f"import cycles among cloudexec's core modules: {cycles}"

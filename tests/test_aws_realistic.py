@@ -13,7 +13,7 @@ import jobs
 from cloudexec.testing import aws_batch_emulator
 from cloudexec.testing._hooks import RealisticProfile
 from contract import executor_factory
-from realistic import RealisticContract, count_sdk_retries
+from realistic import FAULTED, RealisticContract, map_2000_items_under_faults
 
 pytestmark = [pytest.mark.aws, pytest.mark.realistic]
 
@@ -87,24 +87,8 @@ def test_map_spans_several_credential_expiries(rotating_emu: Any) -> None:
 @pytest.mark.timeout(300)
 def test_map_of_2000_items_under_transient_faults_loses_nothing() -> None:
     """>=10% of Batch and S3 calls fail (429/5xx/resets); botocore's retries absorb them."""
-    profile = RealisticProfile(status_lag_s=0.2, visibility_lag_s=0.1, batch_fault_rate=0.12, storage_fault_rate=0.12, seed=8)
-    with aws_batch_emulator(timeout_scale=0.02, realistic=profile) as emu:
-        # The rate alone may miss the few Batch calls a chunked map makes: a throttle
-        # and a reset are certain on each side on top of it.
-        for target in ("batch", "storage"):
-            emu.inject_faults(count=1, kind="throttle", target=target)
-            emu.inject_faults(count=1, kind="reset", target=target)
-        with count_sdk_retries() as retries:
-            with emu.executor(poll_interval_s=FAST_POLL) as ex:
-                results = list(ex.map(jobs.double, range(2000), chunksize=250, timeout=240))
-        faults = emu.faults_injected
-        calls = emu.api_calls
-    print(f"\nAWS: faults injected {dict(faults)} (total {sum(faults.values())}), "
-          f"SDK retries {sum(retries.values())}, Batch calls {sum(calls.values())}, "
-          f"results lost {2000 - len(results)}")
-    assert results == [2 * i for i in range(2000)]  # every result, exactly once, in order
-    assert faults["batch:throttle"] + faults["batch:error"] + faults["batch:reset"] > 0
-    assert faults["storage:throttle"] + faults["storage:error"] + faults["storage:reset"] > 0
+    with aws_batch_emulator(timeout_scale=0.02, realistic=RealisticProfile(**FAULTED)) as emu:
+        map_2000_items_under_faults(emu, "AWS", poll_interval_s=FAST_POLL)
 
 
 @pytest.fixture(scope="module")

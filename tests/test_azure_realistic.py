@@ -18,7 +18,7 @@ from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 from contract import executor_factory  # noqa: E402
-from realistic import RealisticContract, count_sdk_retries  # noqa: E402
+from realistic import FAULTED, RealisticContract, map_2000_items_under_faults  # noqa: E402
 
 pytestmark = [pytest.mark.azure, pytest.mark.realistic]
 
@@ -119,28 +119,8 @@ def test_map_spans_several_token_expiries(expiring_emu: Any) -> None:
 @pytest.mark.timeout(300)
 def test_map_of_2000_items_under_transient_faults_loses_nothing() -> None:
     """>=10% of Batch REST and blob calls fail (503 ServerBusy/500/resets); azure-core's retries absorb them."""
-    profile = RealisticProfile(
-        status_lag_s=0.2, visibility_lag_s=0.1, batch_fault_rate=0.12, storage_fault_rate=0.12, seed=8
-    )
-    with azure_batch_emulator(slots=4, kill_grace_s=1.0, realistic=profile) as emu:
-        # The rate alone may miss the few Batch calls a chunked map makes: a throttle
-        # and a reset are certain on each side on top of it.
-        for target in ("batch", "storage"):
-            emu.inject_faults(count=1, kind="throttle", target=target)
-            emu.inject_faults(count=1, kind="reset", target=target)
-        with count_sdk_retries() as retries:
-            with emu.executor(**FAST) as ex:
-                results = list(ex.map(jobs.double, range(2000), chunksize=250, timeout=240))
-        faults = emu.faults_injected
-        calls = emu.api_calls
-    print(
-        f"\nAzure: faults injected {dict(faults)} (total {sum(faults.values())}), "
-        f"SDK retries {sum(retries.values())}, Batch calls {sum(calls.values())}, "
-        f"results lost {2000 - len(results)}"
-    )
-    assert results == [2 * i for i in range(2000)]  # every result, exactly once, in order
-    assert faults["batch:throttle"] + faults["batch:error"] + faults["batch:reset"] > 0
-    assert faults["storage:throttle"] + faults["storage:error"] + faults["storage:reset"] > 0
+    with azure_batch_emulator(slots=4, kill_grace_s=1.0, realistic=RealisticProfile(**FAULTED)) as emu:
+        map_2000_items_under_faults(emu, "Azure", **FAST)
 
 
 @pytest.fixture(scope="module")

@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from _common import write_report
 
 
 def plus_one(x: int) -> int:
@@ -140,19 +137,13 @@ def main() -> None:
                     f"{row['collect_ratio']:.2f}x)",
                     flush=True,
                 )
-    os.makedirs(RESULTS, exist_ok=True)
     report = {
         "benchmark": "submit latency and result collection vs the storage floor (fsspec bulk pipe/cat), emulators",
         "target": "each <= 1.5x its floor",
         "rounds": args.rounds,
         "rows": rows,
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()},
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    path = os.path.join(RESULTS, "bench_emulator_io.json")
-    with open(path, "w") as fh:
-        json.dump(report, fh, indent=1)
-    print(f"written to {os.path.relpath(path)}")
+    write_report("bench_emulator_io", report)
 
 
 if __name__ == "__main__":

@@ -30,22 +30,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from cloudexec import LocalBatchExecutor, _keys, _payload
-from cloudexec._storage import LocalStore
+from cloudexec import LocalBatchExecutor
 from cloudexec.providers.local import LocalProvider
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from _common import cold_start, write_report
+
 WORKERS = os.cpu_count() or 1
 
 
@@ -101,22 +99,7 @@ def bench_map(sizes: list[int], rounds: int) -> list[dict[str, Any]]:
 
 # -- (d) runner cold start ---------------------------------------------------------
 def bench_cold_start(rounds: int) -> dict[str, Any]:
-    folder = os.path.join(tempfile.mkdtemp(prefix="cloudexec-bench-"), "bench-job")
-    store = LocalStore(folder)
-    key = _keys.job_key(b"benchmark master key, not secret", "bench-job")
-    store.write(_payload.CALL, _keys.seal(key, "call", "bench-job", None, _payload.pack("call", (abs, (-1,), {}))))
-    env = dict(os.environ, CLOUDEXEC_JOB_KEY=key.hex())  # as the provider's environment channel gives it
-    bare, run = [], []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        bare.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "cloudexec.runner", folder], check=True, env=env, stderr=subprocess.DEVNULL
-        )
-        run.append(time.perf_counter() - t)
-    b, r = statistics.median(bare), statistics.median(run)
+    b, r = cold_start(rounds)
     print(f"  (d) cold start: python -c pass {b:.3f} s  runner {r:.3f} s  overhead {r - b:.3f} s  (target <= 0.3 s)")
     return {"python_s": round(b, 3), "runner_s": round(r, 3), "overhead_s": round(r - b, 3)}
 
@@ -258,13 +241,7 @@ def main() -> None:
         report["resolve_latency"] = bench_latency(10 if args.quick else 30)
     if "f" in only:
         report["memory"] = bench_memory([10_000] if args.quick else [10_000, 100_000])
-    report["machine"] = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}
-    report["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "bench_local.quick.json" if args.quick else "bench_local.json")
-    with open(path, "w") as fh:
-        json.dump(report, fh, indent=1)
-    print(f"wrote {path}")
+    write_report("bench_local.quick" if args.quick else "bench_local", report)
 
 
 if __name__ == "__main__":

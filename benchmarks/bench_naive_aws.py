@@ -18,16 +18,12 @@ Prints a table and writes ``benchmarks/results/bench_naive_aws.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
 from typing import Any
 
 from cloudexec.testing import aws_batch_emulator
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from _common import write_report
 
 
 def plus_one(x: int) -> int:
@@ -112,7 +108,6 @@ def main() -> None:
     ratio_calls = rows[0]["batch_calls"] / max(1, rows[1]["batch_calls"])
     ratio_time = ours_s / naive_s
     print(f"  calls: boto3 loop / cloudexec = {ratio_calls:.1f}x;  time: cloudexec / boto3 loop = {ratio_time:.2f}x")
-    os.makedirs(RESULTS, exist_ok=True)
     report = {
         "benchmark": "naive boto3 loop vs cloudexec map, AWS Batch emulator",
         "items": args.items,
@@ -120,13 +115,8 @@ def main() -> None:
         "rows": rows,
         "calls_ratio_naive_over_cloudexec": round(ratio_calls, 2),
         "time_ratio_cloudexec_over_naive": round(ratio_time, 3),
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()},
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    path = os.path.join(RESULTS, "bench_naive_aws.json")
-    with open(path, "w") as fh:
-        json.dump(report, fh, indent=1)
-    print(f"  written to {os.path.relpath(path)}")
+    write_report("bench_naive_aws", report)
 
 
 if __name__ == "__main__":

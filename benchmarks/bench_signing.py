@@ -19,14 +19,13 @@ import argparse
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
 
 from cloudexec import LocalBatchExecutor, _keys, _payload
-from cloudexec._storage import LocalStore
+
+from _common import cold_start
 
 _PATCH = '''
 def _unsigned():
@@ -44,24 +43,6 @@ if os.environ.get("CLOUDEXEC_BENCH_UNSIGNED"):
 
 def trivial(x: int) -> int:
     return x + 1
-
-
-def cold_start(rounds: int) -> tuple[float, float]:
-    """Median seconds of ``python -c pass`` and of the runner running one tiny signed job."""
-    folder = os.path.join(tempfile.mkdtemp(prefix="cloudexec-bench-"), "bench-job")
-    store = LocalStore(folder)
-    key = _keys.job_key(b"benchmark master key, not secret", "bench-job")
-    store.write(_payload.CALL, _keys.seal(key, "call", "bench-job", None, _payload.pack("call", (abs, (-1,), {}))))
-    env = dict(os.environ, CLOUDEXEC_JOB_KEY=key.hex())
-    bare, run = [], []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        bare.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cloudexec.runner", folder], check=True, env=env)
-        run.append(time.perf_counter() - t)
-    return statistics.median(bare), statistics.median(run)
 
 
 def _cpu_s() -> float:

@@ -28,10 +28,9 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sized
-from concurrent.futures import CancelledError, Executor, Future
-from typing import Any, ClassVar, Generic
+from concurrent.futures import CancelledError, Executor
+from typing import Any, ClassVar
 
-from cloudexec._log import log
 from cloudexec import _depends, _keys, _payload, _progress
 from cloudexec._children import CANCELLED as _CHILD_CANCELLED
 from cloudexec._children import FAILED as _CHILD_FAILED
@@ -41,18 +40,7 @@ from cloudexec._storage import Store, open_store
 from cloudexec.errors import IntegrityError, JobNotFoundError, StorageError
 from cloudexec.settings import JobSettings
 
-from cloudexec._futures import (
-    _FRESH_S,
-    _NOT_PICKLABLE,
-    CANCEL_REASON,
-    EXIT_INTEGRITY,
-    ArrayFuture,
-    BatchFuture,
-    T,
-    _Core,
-    _JobRecord,
-    job_failed,
-)
+from cloudexec._futures import _NOT_PICKLABLE, ArrayFuture, BatchFuture, T, _Core, _JobRecord
 from cloudexec._poller import Manager
 
 __all__ = ["BatchExecutor", "BatchFuture", "ArrayFuture"]

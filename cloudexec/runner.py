@@ -60,7 +60,7 @@ DEFAULT_INDEX_ENV = "CLOUDEXEC_ARRAY_INDEX"
 EXIT_OK = 0
 EXIT_CALL_FAILED = 1
 EXIT_INFRA = 2
-EXIT_INTEGRITY = 3  # cloudexec._base.EXIT_INTEGRITY reads the same number
+EXIT_INTEGRITY = 3  # cloudexec._futures.EXIT_INTEGRITY reads the same number
 
 
 def _storage_options() -> dict[str, Any] | None:

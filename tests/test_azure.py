@@ -32,7 +32,7 @@ import jobs  # noqa: E402
 from azure.core.credentials import AzureNamedKeyCredential  # noqa: E402
 from azure.core.exceptions import ResourceNotFoundError  # noqa: E402
 
-from cloudexec._base import CANCEL_REASON  # noqa: E402
+from cloudexec._futures import CANCEL_REASON  # noqa: E402
 from cloudexec.errors import CloudExecError, JobFailedError, StorageError, SubmissionError  # noqa: E402
 from cloudexec.providers import _azure_conventions as _conventions  # noqa: E402
 from cloudexec.providers._azure_describe import _REFRESH_PER_POLL  # noqa: E402

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from cloudexec.testing._hooks import Hooks
+from cloudexec.testing._hooks import Hooks, ServedInThread
 
 __all__ = [
     "BATCH_AUDIENCE",
@@ -385,7 +385,7 @@ class _IdentityServer(ThreadingHTTPServer):
         self.client_id = str(uuid.uuid4())
 
 
-class IdentityEndpoint:
+class IdentityEndpoint(ServedInThread):
     """A managed-identity token endpoint for the emulator's tasks (App Service's protocol).
 
     azure-identity's ``ManagedIdentityCredential`` (and so
@@ -400,24 +400,12 @@ class IdentityEndpoint:
     """
 
     def __init__(self, hooks: Hooks) -> None:
-        self._server = _IdentityServer(hooks)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="cloudexec-identity", daemon=True
-        )
+        self._identity = _IdentityServer(hooks)
+        super().__init__(self._identity, "cloudexec-identity")
 
     def env(self) -> dict[str, str]:
         """The variables that point azure-identity at this endpoint."""
         return {
-            "IDENTITY_ENDPOINT": f"http://127.0.0.1:{self._server.server_address[1]}/msi/token",
-            "IDENTITY_HEADER": self._server.secret,
+            "IDENTITY_ENDPOINT": f"http://127.0.0.1:{self._identity.server_address[1]}/msi/token",
+            "IDENTITY_HEADER": self._identity.secret,
         }
-
-    def start(self) -> None:
-        """Start answering."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop answering and close the socket."""
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import http.client
 import ssl
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from cloudexec.testing._azure_auth import TlsFiles, expired_token_detail, storage_expired_answer
-from cloudexec.testing._hooks import Hooks, reset_socket
+from cloudexec.testing._hooks import Hooks, ServedInThread, reset_socket
 
 __all__ = ["FaultProxy"]
 
@@ -147,7 +146,7 @@ class _ProxyServer(ThreadingHTTPServer):
         pass
 
 
-class FaultProxy:
+class FaultProxy(ServedInThread):
     """Forwards HTTP on a free 127.0.0.1 port to ``upstream_port``, applying storage faults.
 
     Args:
@@ -158,18 +157,6 @@ class FaultProxy:
     """
 
     def __init__(self, hooks: Hooks, upstream_port: int, tls: TlsFiles | None = None) -> None:
-        self._server = _ProxyServer(hooks, upstream_port, tls)
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="cloudexec-fault-proxy", daemon=True
-        )
-
-    def start(self) -> None:
-        """Start forwarding."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop forwarding and close the listening socket."""
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
+        proxy = _ProxyServer(hooks, upstream_port, tls)
+        super().__init__(proxy, "cloudexec-fault-proxy")
+        self.port: int = proxy.server_address[1]

@@ -32,6 +32,7 @@ import socket
 import struct
 import threading
 import time
+import socketserver
 from typing import Literal
 
 __all__ = [
@@ -402,3 +403,23 @@ class Hooks:
                 self._faults["credentials:expired"] += 1
             return True
         return False
+
+
+class ServedInThread:
+    """An emulator's small HTTP server (a proxy, a token endpoint) answering on a daemon thread of its own."""
+
+    def __init__(self, server: socketserver.BaseServer, name: str) -> None:
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=name, daemon=True
+        )
+
+    def start(self) -> None:
+        """Start answering."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop answering and close the listening socket."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()

@@ -149,6 +149,10 @@ class _Tee:
                 [sys.executable, "-c", f"from {__name__} import _pump; _pump()",
                  str(read_end), str(self.original), self.copy_path],
                 stdin=subprocess.DEVNULL,
+                # Not the task's fds 1 and 2: the stderr helper would hold the stdout
+                # pipe open, and the stdout tee would wait its whole drain time for EOF.
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 pass_fds=(read_end, self.original),
                 start_new_session=True,  # a kill of the task's process group must not lose the tail
             )

@@ -437,7 +437,10 @@ def _serve(sock: socket.socket, preload: Sequence[str], warmups: Sequence[str]) 
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
                 continue
-            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 64)
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 64)
+            except OSError:  # reset by a client that closed with our reports unread
+                data, fds = b"", []
             received_fds += fds
             if not data:
                 open_ = False
@@ -458,12 +461,20 @@ def _serve(sock: socket.socket, preload: Sequence[str], warmups: Sequence[str]) 
                 try:
                     if request["cwd"] is not None and not os.path.isdir(request["cwd"]):
                         raise FileNotFoundError(f"no such working directory: {request['cwd']!r}")
+                    ready_r, ready_w = os.pipe()
                     pid = os.fork()
                 except OSError as exc:
                     send({"id": request["id"], "error": str(exc), "kind": type(exc).__name__})
                 else:
                     if pid == 0:
-                        _child(request, mine, set_death_signal, server_path, server_pythonpath)
+                        os.close(ready_r)
+                        _child(request, mine, ready_w, set_death_signal, server_path, server_pythonpath)
+                    os.close(ready_w)
+                    # Reply once the child leads its own group and dies with us, so the
+                    # caller's first kill already reaches the whole group.
+                    with contextlib.suppress(OSError):
+                        os.read(ready_r, 1)
+                    os.close(ready_r)
                     children[pid] = request["id"]
                     by_id[request["id"]] = pid
                     send({"id": request["id"], "pid": pid})
@@ -519,6 +530,7 @@ def _death_signal_setter() -> Any:
 def _child(
     request: dict[str, Any],
     fds: list[int],
+    ready: int,
     set_death_signal: Any,
     server_path: list[str],
     server_pythonpath: list[str],
@@ -528,6 +540,7 @@ def _child(
     try:
         os.setsid()
         set_death_signal()
+        os.close(ready)  # the server may now report this process as started
         signal.set_wakeup_fd(-1)
         # A fresh interpreter's dispositions: SIGINT raises KeyboardInterrupt, SIGPIPE
         # and SIGXFSZ are ignored (CPython's start-up), everything else defaults.

@@ -332,6 +332,22 @@ class AWSBatchEmulator(EmulatorHooks):
         :meth:`reset_api_calls` zeroes them too."""
         return self._hooks.snapshot_storage_calls()
 
+    @property
+    def fork_server_pid(self) -> int | None:
+        """Pid of the fork server forking the runner's job processes.
+
+        None before the first such job, and with ``CLOUDEXEC_FORKSERVER=0``
+        (every job a fresh interpreter). Each forked job's parent is this pid.
+        """
+        server = self._service.fork_server
+        return server.pid if server is not None else None
+
+    @property
+    def forked_processes(self) -> int:
+        """How many job processes the fork server forked (the rest started fresh interpreters)."""
+        server = self._service.fork_server
+        return server.started_count if server is not None else 0
+
     def expire_job(self, job_id: str) -> bool:
         """Deletes a job's metadata, as AWS does about 24 h after a job ends.
 

@@ -353,6 +353,22 @@ class AzureBatchEmulator(EmulatorHooks):
             f"slots={self.slots}, storage_url={self.storage_url!r})"
         )
 
+    @property
+    def fork_server_pid(self) -> int | None:
+        """Pid of the fork server forking the runner's job processes.
+
+        None before the first such job, and with ``CLOUDEXEC_FORKSERVER=0``
+        (every job a fresh interpreter). Each forked job's parent is this pid.
+        """
+        server = self._running_service().node.forks
+        return server.pid if server is not None else None
+
+    @property
+    def forked_processes(self) -> int:
+        """How many job processes the fork server forked (the rest started fresh interpreters)."""
+        server = self._running_service().node.forks
+        return server.started_count if server is not None else 0
+
     def _running_service(self) -> AzureBatchService:
         if self._service is None:
             raise RuntimeError("the emulator is not running; use it inside `with azure_batch_emulator() as emu:`")

@@ -563,6 +563,8 @@ def test_a_failed_task_terminates_a_job_that_performs_exit_option_job_actions(
     assert job.state == m.BatchJobState.COMPLETED and job.execution_info.termination_reason == "TaskFailed"
     assert client.get_task(job_id, "never").state == m.BatchTaskState.ACTIVE  # never scheduled
 
+
+@pytest.mark.timeout(60)
 def test_python_tasks_are_forked_by_one_warm_server(emu: AzureBatchEmulator, client: BatchClient) -> None:
     """Each task is a process of its own, forked by one server: no interpreter start-up per task."""
     job_id = new_job(client, emu.pool_id)

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -381,8 +382,6 @@ class ForkServer:
 
 
 def _select(socks: list[socket.socket], timeout: float | None) -> tuple[list[Any], list[Any], list[Any]]:
-    import select
-
     return select.select(socks, [], [], timeout)
 
 
@@ -606,16 +605,25 @@ def _run(argv: list[str]) -> int:
         return _exit_status(exc.code)
     except KeyboardInterrupt:
         # CPython ends by SIGINT itself after an uncaught KeyboardInterrupt.
+        _print_exception()
         _flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         return 130
     except BaseException:  # noqa: BLE001
-        import traceback
-
-        traceback.print_exc()
+        _print_exception()
         return 1
     return 0
+
+
+def _print_exception() -> None:
+    """Print the exception being handled as ``python`` would: without this module's frames."""
+    import traceback
+
+    kind, value, tb = sys.exc_info()
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    traceback.print_exception(kind, value, tb)
 
 
 def _exit_status(code: object) -> int:

@@ -156,3 +156,11 @@ def test_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not _forkserver.enabled()
     monkeypatch.setenv(_forkserver.ENV_SWITCH, "1")
     assert _forkserver.enabled()
+
+
+def test_an_uncaught_exception_prints_as_python_prints_it(server: _forkserver.ForkServer, tmp_path: Path) -> None:
+    exit_code, log = _run(server, "raise ValueError('bad')", tmp_path)
+    assert exit_code == 1
+    assert log.startswith("Traceback (most recent call last):")
+    assert 'File "<string>", line 1, in <module>' in log and log.rstrip().endswith("ValueError: bad")
+    assert "_forkserver" not in log

@@ -173,7 +173,8 @@ class ForkServer:
         name: str = "emulator",
     ) -> None:
         self._env = dict(env)
-        self._preload = ["cloudexec.runner", *preload]
+        # The runner's own lazy imports (its command line, fsspec's URL parsing) too.
+        self._preload = ["cloudexec.runner", "argparse", "fsspec.implementations.chained", *preload]
         self._warmups = list(warmups)
         self._name = name
         self._lock = threading.RLock()

@@ -258,6 +258,8 @@ class ForkServer:
             except OSError as exc:
                 raise self._died(exc) from exc
             while request_id not in self._replies:
+                if self._sock is None:
+                    raise ServerDied(f"the {self._name} fork server died before it started the job")
                 self.poll(None)
             reply = self._replies.pop(request_id)
             if "error" in reply:
@@ -358,14 +360,12 @@ class ForkServer:
             theirs.close()
         self._sock = ours
         # The server says which modules it imported once it is ready.
-        while not self._modules:
+        while 0 not in self._replies:
             if self._sock is None:
                 raise ServerDied(f"the {self._name} fork server did not start")
             self.poll(None)
-            ready = self._replies.pop(0, None)
-            if ready is not None:
-                self._modules = frozenset(ready["modules"])
-                self._preload = [m for m in self._preload if m in self._modules]
+        self._modules = frozenset(self._replies.pop(0)["modules"])
+        self._preload = [m for m in self._preload if m in self._modules]
         return ours
 
     def _lost(self) -> None:

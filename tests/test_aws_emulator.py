@@ -565,3 +565,46 @@ def test_concurrent_requests_are_safe(emu: AWSBatchEmulator) -> None:
     summary = parent["arrayProperties"]["statusSummary"]
     assert summary["SUCCEEDED"] + summary["FAILED"] == 40
     assert batch.describe_jobs(jobs=ids[:1])["jobs"][0]["status"] in TERMINAL
+
+
+# ----------------------------------------------------------------------- scale
+
+
+def test_python_jobs_are_forked_by_one_warm_server(emu: AWSBatchEmulator) -> None:
+    """Each array child is a process of its own, forked by one server: no interpreter start-up per child."""
+    before = emu.forked_processes
+    job_id = submit(emu, py("import os; print('parent', os.getppid())"), arrayProperties={"size": 4})
+    assert wait_for(emu, job_id)["status"] == "SUCCEEDED"
+    assert emu.forked_processes - before == 4
+    parents = set()
+    for index in range(4):
+        child = describe(emu, f"{job_id}:{index}")
+        parents |= {line for line in log_lines(emu, child["container"]["logStreamName"]) if line.startswith("parent")}
+    assert parents == {f"parent {emu.fork_server_pid}"}
+
+
+@pytest.mark.timeout(300)
+def test_a_10000_child_array_costs_no_thread_or_process_per_child(emu: AWSBatchEmulator) -> None:
+    import psutil
+
+    threads_before = threading.active_count()
+    job_id = submit(emu, py("import time; time.sleep(120)"), arrayProperties={"size": 10_000})
+    batch = emu.client("batch")
+
+    def running() -> int:
+        return int(batch.describe_jobs(jobs=[job_id])["jobs"][0]["arrayProperties"]["statusSummary"]["RUNNING"])
+
+    deadline = time.monotonic() + 120
+    while running() < emu.max_vcpus:
+        assert time.monotonic() < deadline, "the array's first children never ran"
+        time.sleep(0.1)
+    try:
+        assert threading.active_count() <= threads_before + 2  # HTTP handler threads come and go
+        assert emu.fork_server_pid is not None
+        # The running children (max_vcpus of them) are the fork server's; nothing else was started.
+        assert len(psutil.Process(emu.fork_server_pid).children()) == emu.max_vcpus
+        page = batch.list_jobs(arrayJobId=job_id, jobStatus="RUNNABLE", maxResults=100)
+        assert len(page["jobSummaryList"]) == 100 and page.get("nextToken")
+    finally:
+        batch.terminate_job(jobId=job_id, reason="test done")
+    assert wait_for(emu, job_id, timeout_s=120)["status"] == "FAILED"

@@ -562,3 +562,40 @@ def test_a_failed_task_terminates_a_job_that_performs_exit_option_job_actions(
     job = client.get_job(job_id)
     assert job.state == m.BatchJobState.COMPLETED and job.execution_info.termination_reason == "TaskFailed"
     assert client.get_task(job_id, "never").state == m.BatchTaskState.ACTIVE  # never scheduled
+
+
+@pytest.mark.timeout(60)
+def test_python_tasks_are_forked_by_one_warm_server(emu: AzureBatchEmulator, client: BatchClient) -> None:
+    """Each task is a process of its own, forked by one server: no interpreter start-up per task."""
+    job_id = new_job(client, emu.pool_id)
+    before = emu.forked_processes
+    client.create_tasks(
+        job_id, [m.BatchTaskCreateOptions(id=f"t{i}", command_line=py("import os; print(os.getppid())")) for i in range(4)]
+    )
+    for i in range(4):
+        assert wait_task(client, job_id, f"t{i}", "completed", timeout_s=30).execution_info.exit_code == 0
+    assert emu.forked_processes - before == 4
+    parents = {read_file(client, job_id, f"t{i}", "stdout.txt").strip() for i in range(4)}
+    assert parents == {str(emu.fork_server_pid)}
+
+
+@pytest.mark.timeout(300)
+def test_10000_tasks_cost_no_thread_or_process_per_task(emu: AzureBatchEmulator, client: BatchClient) -> None:
+    import threading
+
+    import psutil
+
+    job_id = new_job(client, emu.pool_id)
+    threads_before = threading.active_count()
+    sleeper = py("import time; time.sleep(120)")
+    client.create_tasks(job_id, [m.BatchTaskCreateOptions(id=f"t{i:05d}", command_line=sleeper) for i in range(10_000)])
+    counts = wait_for(
+        lambda: client.get_job_task_counts(job_id).task_counts, lambda c: c.running == SLOTS, timeout_s=120
+    )
+    assert counts.active == 10_000 - SLOTS
+    assert threading.active_count() <= threads_before + 4  # HTTP handler threads come and go
+    assert emu.fork_server_pid is not None
+    # The running tasks (one per slot) are the fork server's; nothing else was started.
+    assert len(psutil.Process(emu.fork_server_pid).children()) == SLOTS
+    client.begin_terminate_job(job_id, BatchJobTerminateOptions(termination_reason="done"), polling_interval=0.05).result()
+    wait_for(lambda: client.get_job(job_id), lambda j: j.state == m.BatchJobState.COMPLETED, timeout_s=60)

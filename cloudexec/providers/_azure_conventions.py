@@ -40,6 +40,7 @@ for the task's retention time, and cloudexec reads them from there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -145,12 +146,20 @@ class _Tee:
         os.close(handle)
         read_end, write_end = os.pipe()
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", f"from {__name__} import _pump; _pump()",
-                 str(read_end), str(self.original), self.copy_path],
-                stdin=subprocess.DEVNULL,
-                pass_fds=(read_end, self.original),
-                start_new_session=True,  # a kill of the task's process group must not lose the tail
+            self.proc: subprocess.Popen[bytes] | _ForkedPump = (
+                _ForkedPump(read_end, self.original, self.copy_path, write_end)
+                if _can_fork()
+                else subprocess.Popen(
+                    [sys.executable, "-c", f"from {__name__} import _pump; _pump()",
+                     str(read_end), str(self.original), self.copy_path],
+                    stdin=subprocess.DEVNULL,
+                    # Not the task's fds 1 and 2: the stderr helper would hold the stdout
+                    # pipe open, and the stdout tee would wait its whole drain time for EOF.
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    pass_fds=(read_end, self.original),
+                    start_new_session=True,  # a kill of the task's process group must not lose the tail
+                )
             )
         finally:
             os.close(read_end)
@@ -175,9 +184,77 @@ class _Tee:
                 os.unlink(self.copy_path)
 
 
+def _can_fork() -> bool:
+    """Whether the tee helper can be a fork of this process (POSIX, no other Python thread)."""
+    import threading
+
+    return hasattr(os, "fork") and threading.active_count() == 1
+
+
+class _ForkedPump:
+    """The tee helper as a fork of the task (no interpreter start-up): the part of ``Popen`` `_Tee` uses.
+
+    Forked while the task is still single-threaded (the runner starts the
+    capture before anything else), so the child inherits no lock held by
+    another thread; it only copies bytes and leaves with ``os._exit``.
+    """
+
+    def __init__(self, read_end: int, original: int, copy_path: str, write_end: int) -> None:
+        self.returncode: int | None = None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the helper
+            code = 0
+            try:
+                os.setsid()  # a kill of the task's process group must not lose the tail
+                os.close(write_end)
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)  # nor hold the task's other pipe open
+                keep = {read_end, original}
+                for fd in range(3, max(keep) + 1):
+                    if fd not in keep:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                os.closerange(max(keep) + 1, 1 << 16)
+                _copy(read_end, original, copy_path)
+            except BaseException:  # noqa: BLE001 - nowhere to report it
+                code = 1
+            os._exit(code)
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        """The helper's exit status once it ended, else None (reaps it)."""
+        if self.returncode is None:
+            try:
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = 0
+            else:
+                if done:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for the helper; raise ``subprocess.TimeoutExpired``."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired("tee helper", timeout)
+            time.sleep(0.002)
+        return code
+
+
 def _pump() -> None:
     """Body of the tee helper process: ``<read fd> <node fd> <copy path>`` on its command line."""
-    read_end, original, copy_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    _copy(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+
+
+def _copy(read_end: int, original: int, copy_path: str) -> None:
+    """Copy the pipe at ``read_end`` to ``original`` and append it to ``copy_path``, until EOF."""
     with open(copy_path, "ab", buffering=0) as copy:
         while True:
             try:

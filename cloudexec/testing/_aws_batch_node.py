@@ -21,7 +21,7 @@ import threading
 import uuid
 from typing import IO, Any
 
-from cloudexec import _process
+from cloudexec import _forkserver, _process
 from cloudexec.testing._aws_batch_model import LOG_GROUP, Job, now_ms
 
 __all__ = ["EMULATOR_ENV", "Attempt", "Node"]
@@ -32,6 +32,10 @@ _SIGTERM_GRACE_S = 30.0
 WATCH_INTERVAL_S = 0.02
 _LOG_FLUSH_INTERVAL_S = 0.25
 
+# What the runner needs in an AWS job, imported once by the fork server.
+FORKSERVER_PRELOAD = ("cloudexec._storage", "dill", "fsspec", "s3fs")
+FORKSERVER_WARMUPS = (f"{__name__}:share_botocore_data",)
+
 # Variables pointing a job at the emulator; they override any job definition's.
 EMULATOR_ENV = (
     "AWS_ENDPOINT_URL",
@@ -41,6 +45,34 @@ EMULATOR_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
 )
+
+
+def share_botocore_data() -> None:
+    """Fork-server warm-up: parse botocore's data files once, for every job's sessions.
+
+    Creating an S3 client parses about a megabyte of JSON (endpoints, the S3
+    model and its rule set): ~0.3 s, more than the rest of a trivial job. The
+    server parses it once into one loader, and every botocore session a forked
+    job creates uses that loader (a cache of parsed files: no connection,
+    thread or event loop), as a process sharing one loader between sessions
+    does.
+    """
+    import botocore.loaders
+    import botocore.session
+
+    loader = botocore.loaders.create_loader()
+    session = botocore.session.get_session()
+    session.register_component("data_loader", loader)
+    # Creating a client reads everything an S3 client needs; it opens no connection.
+    session.create_client(
+        "s3", region_name="us-east-1", endpoint_url="http://127.0.0.1:9", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    default = botocore.session.create_loader
+
+    def shared_loader(search_path_string: str | None = None) -> botocore.loaders.Loader:
+        return loader if search_path_string is None else default(search_path_string)
+
+    botocore.session.create_loader = shared_loader
 
 
 class Attempt:
@@ -116,6 +148,8 @@ class Node:
         self.logs: Any = None
         self.timeout_scale = 1.0
         self.running: dict[str, Job] = {}
+        self.forks: _forkserver.ForkServer | None = None
+        """Forks the runner's processes once the first job starts (None: switched off)."""
 
     def launch(self, job: Job, now: float) -> str | None:
         """Start an attempt of ``job`` (already RUNNING); return why it could not start, if so.
@@ -159,9 +193,14 @@ class Node:
             os.mkdir(workdir)
             if not spec.argv:
                 raise FileNotFoundError("the job has no command (no override and none in the job definition)")
+            if self.forks is None and _forkserver.enabled():
+                # Started from the scheduler thread, which lives as long as the emulator.
+                self.forks = _forkserver.ForkServer(
+                    self.base_env, FORKSERVER_PRELOAD, warmups=FORKSERVER_WARMUPS, name="AWS Batch emulator"
+                )
             with open(log_path, "wb") as out:
-                proc = _process.start(
-                    spec.argv, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, die_with_owner=True
+                proc = _forkserver.start(
+                    self.forks, spec.argv, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT
                 )
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -269,6 +308,8 @@ class Node:
                 job.attempt.reader.close()
                 job.attempt = None
         self.running.clear()
+        if self.forks is not None:
+            self.forks.close()
 
     def _clean_up(self, job: Job, attempt: Attempt, *, final_logs: bool = True) -> None:
         if final_logs:

@@ -135,6 +135,11 @@ class JobScheduler:
         with self._cond:
             self._node.close()
 
+    @property
+    def fork_server(self) -> Any:
+        """The node's `cloudexec._forkserver.ForkServer`, once a job started (None if switched off)."""
+        return self._node.forks
+
     # -- API entry points (called from request threads)
 
     def submit(self, spec: JobSpec, array_size: int | None, depends_on: list[dict[str, Any]]) -> Job:

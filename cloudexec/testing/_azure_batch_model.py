@@ -12,10 +12,11 @@ import collections
 import datetime as dt
 import itertools
 import re
-import subprocess
 import threading
 from dataclasses import dataclass, field
 from typing import IO, Any
+
+from cloudexec._process import Process
 
 __all__ = [
     "BatchServiceError",
@@ -200,7 +201,7 @@ class TaskRecord(_StateMachine):
     ran_on_node: bool = False
     # Node bookkeeping, never serialised.
     queued: bool = False
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Process | None = None
     pidfd: int | None = None
     log_files: list[IO[bytes]] = field(default_factory=list)
     deadline_mono: float | None = None

@@ -17,8 +17,21 @@ submits (1,000 tasks cost one thread, not 1,000)::
                                                              sleep until a pidfd, the
                                                              wake pipe or a deadline fires
 
-On Linux each running process is watched through a pidfd, so an exit is seen
-at once; elsewhere the thread polls running processes every 10 ms.
+Processes start through `cloudexec._forkserver`: a task whose command line
+is ``python -m cloudexec.runner ...`` (or ``python -c ...``) is forked by one
+server that already imported the runner and the Azure storage stack, so it
+costs a fork rather than an interpreter start-up and ~0.5 s of imports; any
+other command line starts as a fresh process. Either way each task is a
+process of its own, leading its own process group.
+
+An exit is seen at once: the fork server's socket turns readable when one of
+its processes ended, and on Linux a fresh process is watched through a pidfd;
+elsewhere the thread polls running processes every 10 ms.
+
+Capacity: ``slots`` tasks run at once (one process each, plus the fork
+server); the node thread's work per step is bounded by the running tasks and
+the jobs with queued tasks, so 10,000 queued tasks cost memory for their
+records, not threads or processes.
 """
 
 from __future__ import annotations
@@ -29,8 +42,6 @@ import selectors
 import shlex
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -38,7 +49,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cloudexec import _process
+from cloudexec import _forkserver, _process
 from cloudexec.testing._azure_batch_model import BatchStore, JobRecord, TaskRecord, utc_now
 from cloudexec.testing import _azure_batch_depends as _depends
 
@@ -80,9 +91,21 @@ _COMMAND_LAUNCH_FAILED: dict[str, Any] = {
     "message": "Failed to launch the specified command line.",
 }
 
+# What the runner needs in an Azure task, imported once by the fork server.
+FORKSERVER_PRELOAD = (
+    "cloudexec._storage",
+    "cloudexec.providers._azure_conventions",
+    "dill",
+    "fsspec",
+    "adlfs",
+)
+
 # Variables a task inherits from the emulator's own environment. Azure starts
 # tasks with a clean environment; these few keep a local process usable.
 _PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "PYTHONPATH", "SYSTEMROOT")
+# Put on every task's path, standing in for a runner image that has cloudexec
+# installed (``python -m cloudexec.runner``).
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 # How often running processes are polled where pidfds are unavailable (macOS).
 _POLL_INTERVAL_S = 0.01
 # Why a task was killed -> the failureInfo it completes with.
@@ -151,6 +174,9 @@ class ComputeNode:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._use_pidfd = hasattr(os, "pidfd_open")
+        self.forks: _forkserver.ForkServer | None = None
+        """Forks the runner's processes once the first task starts (None: switched off)."""
+        self._forks_fd: int | None = None  # the fork server's socket, in the selector
         self._thread = threading.Thread(target=self._run, name="azure-batch-emulator-node", daemon=True)
         for sub in ("workitems", "shared", "startup", "fsmounts"):
             (root_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -272,6 +298,10 @@ class ComputeNode:
                         with contextlib.suppress(BlockingIOError, OSError):
                             while os.read(self._wake_r, 4096):
                                 pass
+                    elif key.fd == self._forks_fd and self.forks is not None:
+                        # Read the report now (the next step sees the ended task),
+                        # or an unread one would wake this loop again and again.
+                        self.forks.poll()
         finally:
             self._kill_all()
 
@@ -279,9 +309,10 @@ class ComputeNode:
         """Reap, kill, time out and schedule; return how long the thread may sleep."""
         now = time.monotonic()
         for task in list(self._running):
-            returncode = task.proc.poll() if task.proc is not None else -signal.SIGKILL
-            if returncode is not None:
-                self._finish(task, returncode)
+            if task.proc is None:
+                self._finish(task, 128 + signal.SIGKILL)
+            elif task.proc.exited():
+                self._finish(task, task.proc.reap())
         self._complete_due(now)
         self._signal_kills(now)
         self._update_jobs(now)
@@ -371,6 +402,8 @@ class ComputeNode:
         )
         deadlines.extend(entry[0] for entry in self._lagging)
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        if any(task.proc is not None and task.proc.exited() for task in self._running):
+            return 0.0  # its end was read while starting another task: no wake-up will come
         if self._running and not self._use_pidfd:
             timeout = _POLL_INTERVAL_S if timeout is None else min(timeout, _POLL_INTERVAL_S)
         return timeout
@@ -395,23 +428,17 @@ class ComputeNode:
         if not argv:
             self._launch_failed(task, _COMMAND_NOT_FOUND, "empty command line")
             return
-        if argv[0] in ("python", "python3"):
-            # The node's "python" is the interpreter running the emulator, so
-            # tasks see the same installed packages as the test.
-            argv[0] = sys.executable
+        if self.forks is None and _forkserver.enabled():
+            # Started from the node thread, which lives as long as the emulator.
+            self.forks = _forkserver.ForkServer(
+                self._server_environment(), FORKSERVER_PRELOAD, name="Azure Batch emulator"
+            )
         try:
             with open(task_dir / "stdout.txt", "wb") as out, open(task_dir / "stderr.txt", "wb") as err:
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=work_dir,
-                    env=self._environment(task, task_dir),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    start_new_session=True,  # own process group, so kills reach children
-                    # Started from the node thread, which lives as long as the emulator:
-                    # a SIGKILLed emulator takes its tasks with it.
-                    preexec_fn=_process.owner_death_signal(),
+                # The node's "python" is the interpreter running the emulator, so
+                # tasks see the same installed packages as the test.
+                proc = _forkserver.start(
+                    self.forks, argv, env=self._environment(task, task_dir), cwd=work_dir, stdout=out, stderr=err
                 )
         except FileNotFoundError as exc:
             self._launch_failed(task, _COMMAND_NOT_FOUND, str(exc))
@@ -420,7 +447,17 @@ class ComputeNode:
             self._launch_failed(task, _COMMAND_LAUNCH_FAILED, str(exc))
             return
         task.proc = proc
-        if self._use_pidfd:
+        if isinstance(proc, _forkserver.ForkedProcess):
+            fd = proc.server.fileno()
+            if fd is not None and fd != self._forks_fd:
+                # Readable whenever the server reports that one of its processes ended
+                # (a new server, after one was killed, has a new socket).
+                if self._forks_fd is not None:
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self._selector.unregister(self._forks_fd)
+                self._selector.register(fd, selectors.EVENT_READ)
+                self._forks_fd = fd
+        elif self._use_pidfd:
             try:
                 task.pidfd = os.pidfd_open(proc.pid)
                 self._selector.register(task.pidfd, selectors.EVENT_READ)
@@ -440,12 +477,18 @@ class ComputeNode:
         self._used_slots += task.required_slots
         self._running.add(task)
 
+    def _server_environment(self) -> dict[str, str]:
+        """The fork server's environment: what every task shares (each task brings its own)."""
+        env = {name: os.environ[name] for name in _PASSTHROUGH_ENV if name in os.environ}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        env.update(self.task_env)
+        return env
+
     def _environment(self, task: TaskRecord, task_dir: Path) -> dict[str, str]:
         env = {name: os.environ[name] for name in _PASSTHROUGH_ENV if name in os.environ}
         # Put this cloudexec on the task's path, standing in for a runner image
         # that has cloudexec installed (``python -m cloudexec.runner``).
-        package_parent = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
         env.update(self.task_env)
         for source in (task.job.spec.get("commonEnvironmentSettings"), task.spec.get("environmentSettings")):
             for item in source or []:
@@ -475,20 +518,16 @@ class ComputeNode:
         info = {**failure, "details": [{"name": "Message", "value": detail}]}
         self._complete(task, exit_code=None, failure_info=info)
 
-    def _finish(self, task: TaskRecord, returncode: int) -> None:
-        """Handle a task process that exited: retry it or complete it."""
+    def _finish(self, task: TaskRecord, exit_code: int) -> None:
+        """Handle a task process that ended (reaped, its group killed): retry it or complete it.
+
+        ``exit_code`` is 128 + N for death by signal N, as a shell reports it.
+        """
         self._release(task)
-        proc, task.proc = task.proc, None
-        if proc is not None:
-            # Kill anything the task left behind in its process group, so no
-            # orphan outlives the task (or the emulator).
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        task.proc = None
         job = task.job
         if task.id.lower() not in job.tasks:
             return  # deleted while it ran
-        # Like a shell, report death by signal N as 128 + N.
-        exit_code = returncode if returncode >= 0 else 128 - returncode
         if task.kill_reason is not None:
             self._complete(task, exit_code=exit_code, failure_info=_KILL_FAILURES.get(task.kill_reason, _TASK_ENDED))
         elif exit_code == 0:
@@ -547,18 +586,19 @@ class ComputeNode:
 
     def _signal(self, task: TaskRecord, signum: int) -> None:
         if task.proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(task.proc.pid, signum)
+            task.proc.signal(signum)
 
     def _kill_all(self) -> None:
-        """SIGKILL every task process group and wait for the processes."""
+        """SIGKILL every task process group, wait for the processes, stop the fork server."""
         with self.store.lock:
             running = list(self._running)
             for task in running:
                 self._signal(task, signal.SIGKILL)
             for task in running:
                 if task.proc is not None:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        task.proc.wait(timeout=10)
+                    with contextlib.suppress(OSError, ValueError):
+                        task.proc.reap(timeout=10)
                 self._release(task)
                 task.proc = None
+            if self.forks is not None:
+                self.forks.close()

@@ -25,6 +25,15 @@ Example::
         client.create_task("job-1", models.BatchTaskCreateOptions(
             id="t1", command_line="python -c \\"print('hi')\\""))
 
+Capacity and speed: 10,000 tasks (100 add-task-collection calls) cost 10,000
+records and no thread or process; the node runs ``slots`` tasks at once, each
+a process of its own, from one node thread. A ``python -m cloudexec.runner``
+(or ``python -c``) task is forked by one fork server that already imported the
+runner and adlfs, so a task costs a fork, not an interpreter start-up and
+~0.5 s of imports (``benchmarks/bench_emulators.py``; set
+``CLOUDEXEC_FORKSERVER=0`` for a fresh interpreter per task). Azurite, which
+serves every task's blobs, is then the bound.
+
 What differs from real Azure Batch:
 
 * There is one pool (``pool_id``) with one node of ``slots`` task slots; pools
@@ -32,7 +41,9 @@ What differs from real Azure Batch:
   tasks stay ``active`` forever. So does a task needing more slots than the
   node has.
 * Command lines run directly on this machine (split with ``shlex``, no shell,
-  as on Azure); ``python``/``python3`` become ``sys.executable``.
+  as on Azure); ``python``/``python3`` become ``sys.executable``. A forked
+  task shares the fork server's interpreter options (``PYTHON*`` variables
+  other than ``PYTHONPATH``) and finds its modules already imported.
   ``containerSettings`` are recorded but no container is started.
 * Tasks get a clean environment (``PATH``, ``HOME``, ``LANG``, ``TMPDIR``,
   ``PYTHONPATH`` with this cloudexec prepended), then ``task_env``, the job's
@@ -352,6 +363,22 @@ class AzureBatchEmulator(EmulatorHooks):
             f"AzureBatchEmulator({where}, pool_id={self.pool_id!r}, vm_size={self.vm_size!r}, "
             f"slots={self.slots}, storage_url={self.storage_url!r})"
         )
+
+    @property
+    def fork_server_pid(self) -> int | None:
+        """Pid of the fork server forking the runner's job processes.
+
+        None before the first such job, and with ``CLOUDEXEC_FORKSERVER=0``
+        (every job a fresh interpreter). Each forked job's parent is this pid.
+        """
+        server = self._running_service().node.forks
+        return server.pid if server is not None else None
+
+    @property
+    def forked_processes(self) -> int:
+        """How many job processes the fork server forked (the rest started fresh interpreters)."""
+        server = self._running_service().node.forks
+        return server.started_count if server is not None else 0
 
     def _running_service(self) -> AzureBatchService:
         if self._service is None:

@@ -49,8 +49,15 @@ def write_report(name: str, report: dict[str, Any]) -> str:
     """Write ``report`` (plus the machine and the time) to ``benchmarks/results/<name>.json``; return the path."""
     report = {
         **report,
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            # Other work on the machine skews every timing: say how much there was.
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        },
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python benchmarks/" + os.path.basename(sys.argv[0]) + " " + " ".join(sys.argv[1:]),
     }
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")

@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import resource
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from cloudexec import _forkserver
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from _common import write_report
 
 
 def plus_one(x: int) -> int:
@@ -123,24 +120,12 @@ def main() -> None:
             f"  {row['emulator']:<8} {row['children']:6d} {row['way']:<18} {row['seconds']:8.2f} "
             f"{row['children_per_s']:10.2f} {row['cpu_s_per_child']:11.4f} {speedup:>8}"
         )
-    os.makedirs(RESULTS, exist_ok=True)
     report = {
         "benchmark": "emulator throughput: array children per second, fork server vs fresh interpreter per child",
         "slots": args.slots,
         "rows": rows,
-        "machine": {
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2),
-        },
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "python benchmarks/bench_emulators.py " + " ".join(sys.argv[1:]),
     }
-    path = os.path.join(RESULTS, "bench_emulators.json")
-    with open(path, "w") as fh:
-        json.dump(report, fh, indent=1)
-    print(f"  written to {os.path.relpath(path)}")
+    write_report("bench_emulators", report)
 
 
 if __name__ == "__main__":

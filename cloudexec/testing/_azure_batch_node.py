@@ -49,7 +49,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cloudexec import _forkserver, _process
+from cloudexec import _forkserver
 from cloudexec.testing._azure_batch_model import BatchStore, JobRecord, TaskRecord, utc_now
 from cloudexec.testing import _azure_batch_depends as _depends
 

@@ -54,6 +54,29 @@ def executor_factory(build: Callable[..., BatchExecutor], shutdown_limit_s: floa
         assert time.monotonic() - started < shutdown_limit_s, f"{ex!r}: shutdown() did not return promptly"
 
 
+class CountingClient:
+    """Wraps an SDK client and counts the calls made through it (``calls``: method names, in order).
+
+    Unlike a service's own counts, it sees only the calls of the executor it is given
+    to, not those of other executors on the same (emulated) account.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return attr(*args, **kwargs)
+
+        return call
+
+
 def count_polls(ex: BatchExecutor) -> list[int]:
     """Count the manager's polls of ``ex`` (each is one bulk ``provider.describe``) in ``[0]``."""
     polls = [0]

@@ -49,7 +49,7 @@ from cloudexec.providers.azure import (  # noqa: E402
     task_status,
 )
 from cloudexec.testing.azure import AzureBatchEmulator, azure_batch_emulator  # noqa: E402
-from contract import ExecutorContract, executor_factory, wait_until  # noqa: E402
+from contract import CountingClient, ExecutorContract, executor_factory, wait_until  # noqa: E402
 from provider_contract import ProviderContract  # noqa: E402
 
 pytestmark = pytest.mark.azure
@@ -377,25 +377,6 @@ def test_tasks_are_added_in_collections_in_index_order(
     assert [t.id for t in tasks] == [str(10000001 + i) for i in range(5)]
 
 
-class _CountingClient:
-    """Wraps a BatchClient and counts the calls made through it."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.calls: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append(name)
-            return attr(*args, **kwargs)
-
-        return call
-
-
 @pytest.mark.timeout(60)
 def test_describe_is_a_few_calls_per_poll(make_executor: Any, emu: AzureBatchEmulator) -> None:
     ex = make_executor()
@@ -407,7 +388,7 @@ def test_describe_is_a_few_calls_per_poll(make_executor: Any, emu: AzureBatchEmu
     wait_until(lambda: all(f._record.ref for f in [*singles, queued, arr]), 20)
     wait_until(lambda: all(f.running() for f in singles), 20)
     # A provider of its own, so that the executor's poller does not add to the count.
-    counting = _CountingClient(emu.batch_client())
+    counting = CountingClient(emu.batch_client())
     provider = AzureBatchProvider(
         counting, batch_url=emu.batch_url, pool_id=emu.pool_id, storage_url=emu.storage_url,
         storage_options=emu.adlfs_options(),
@@ -435,7 +416,7 @@ def test_describe_of_many_jobs_costs_a_list_and_a_few_gets(make_executor: Any, e
     wait_until(blocker.running, 30)
     singles = [ex.submit(jobs.nap, 0.5) for _ in range(20)]
     wait_until(lambda: all(f._record.ref for f in singles), 30)  # all submitted
-    counting = _CountingClient(emu.batch_client())
+    counting = CountingClient(emu.batch_client())
     provider = AzureBatchProvider(
         counting, batch_url=emu.batch_url, pool_id=emu.pool_id, storage_url=emu.storage_url,
         storage_options=emu.adlfs_options(),

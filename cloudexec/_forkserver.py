@@ -632,7 +632,8 @@ def _exit_status(code: object) -> int:
         return 0
     if isinstance(code, int):
         return code & 0xFF
-    print(code, file=sys.stderr)
+    # As python does for sys.exit("message"): the message goes to the job's own stderr (its log).
+    sys.stderr.write(f"{code}\n")
     return 1
 
 

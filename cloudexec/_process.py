@@ -26,6 +26,10 @@ is the only place that does them::
     remove_when_owner_dies(path)        a `sh` sidecar deletes a scratch folder
                                         once this process is gone, however it died
 
+    running(pid), process_identity(pid), identity_alive([pid, start time])
+                                 is a process (named in a state file, perhaps by
+                                 another process) still the one that runs?
+
 The environment rule (:func:`job_environment`): a job gets a clean environment
 — the :data:`PASSTHROUGH_ENV` names only, as a container would — plus
 ``PYTHONPATH`` reaching this cloudexec and, optionally, the caller's import
@@ -57,10 +61,13 @@ __all__ = [
     "Process",
     "Watcher",
     "exit_code_of",
+    "identity_alive",
     "job_environment",
     "kill_group",
     "pid_alive",
+    "process_identity",
     "python_path",
+    "running",
     "start",
     "tree_rss_bytes",
 ]
@@ -162,6 +169,40 @@ def pid_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def running(pid: int | None) -> bool:
+    """Whether process ``pid`` runs: unlike `pid_alive`, a zombie (ended, not yet reaped) does not."""
+    if not pid:
+        return False
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def process_identity(pid: int) -> list[float]:
+    """``[pid, start time]``: names one process even after its pid is reused (e.g. in a state file)."""
+    try:
+        return [pid, psutil.Process(pid).create_time()]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return [pid, 0.0]
+
+
+def identity_alive(identity: Sequence[float]) -> bool:
+    """Whether the process `process_identity` named still runs (and is not a zombie)."""
+    pid, started = int(identity[0]), float(identity[1])
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not started or abs(proc.create_time() - started) < 0.01
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False  # gone, or another user's process by that pid: not the one named
 
 
 def tree_rss_bytes(pid: int) -> int:

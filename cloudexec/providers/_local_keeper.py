@@ -41,6 +41,7 @@ import time
 from typing import IO, TYPE_CHECKING, Any
 
 from cloudexec._log import log
+from cloudexec._process import process_identity
 from cloudexec._provider import Dependency, JobInfo, JobSpec, Phase
 
 if TYPE_CHECKING:
@@ -65,8 +66,6 @@ class Keeper:
 
     def identity(self) -> list[float] | None:
         """The keeper's ``[pid, start time]`` (started now if need be); None if it cannot run."""
-        from cloudexec.providers.local import _process_identity
-
         with self._lock:
             if self._broken:
                 return None
@@ -77,7 +76,7 @@ class Keeper:
             except OSError as exc:
                 self._lost(exc)
                 return None
-            return _process_identity(self._proc.pid)
+            return process_identity(self._proc.pid)
 
     def hold(self, spec: JobSpec) -> None:
         """Tell the keeper about a job the scheduler holds for its upstream jobs."""

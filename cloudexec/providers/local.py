@@ -48,7 +48,7 @@ from typing import Any
 
 from cloudexec import _keys, _payload
 from cloudexec._base import BatchExecutor
-from cloudexec._process import exit_code_of
+from cloudexec._process import exit_code_of, identity_alive, kill_group, process_identity, running, tree_rss_bytes
 from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
 from cloudexec._storage import LocalStore, is_local_url, local_path, make_temp_root, open_store
 from cloudexec.errors import SubmissionError
@@ -68,7 +68,6 @@ LOST_REASON = "the client process that scheduled this local job exited before it
 _KILLED_EXIT = 128 + signal.SIGKILL  # what a container runtime reports for SIGKILL
 # Local jobs are plain processes: no container to blame in a failure's reason.
 _REASON_EXITED = "The job process exited with a non-zero exit code"
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _SAMPLE_S = 0.02  # resident-memory sampling period while a memory limit applies
 
 
@@ -170,11 +169,11 @@ class _LocalJob:
         self.workers: list[_Worker] = []
         self.skip: set[int | None] = set()  # children withdrawn from a worker's pipe
         self.persisted: str | None = None
-        # Every warm worker this array had, as _process_identity: after the client
+        # Every warm worker this array had, as process_identity: after the client
         # dies, a worker still runs the children already piped to it.
         self.worker_identities: list[list[float]] = []
         # The keeper process that adopts this job if its client dies while it
-        # is held for its upstream jobs (`_local_keeper`), as _process_identity.
+        # is held for its upstream jobs (`_local_keeper`), as process_identity.
         self.keeper: list[float] | None = None
 
     def status(self) -> LocalJobStatus:
@@ -203,70 +202,12 @@ def _process_env(extra: dict[str, str]) -> dict[str, str]:
     return {**os.environ, **extra}
 
 
-def _rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _pid_alive(pid: int | None) -> bool:
-    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
-    import psutil
-
-    if not pid:
-        return False
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
-def _process_identity(pid: int) -> list[float]:
-    """``[pid, start time]``: names one process even after its pid is reused."""
-    import psutil
-
-    try:
-        return [pid, psutil.Process(pid).create_time()]
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return [pid, 0.0]
-
-
 def _kept(state: dict[str, Any]) -> bool:
     """Whether a held job's keeper lives, so it is still to be adopted (its client may be gone)."""
     keeper = state.get("keeper")
     if state.get("status") != S.PENDING.value or not keeper:
         return False
-    return _identity_alive(keeper)
-
-
-def _identity_alive(identity: Sequence[float]) -> bool:
-    """Whether the process `_process_identity` named still runs (and is not a zombie)."""
-    import psutil
-
-    pid, started = int(identity[0]), float(identity[1])
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return not started or abs(proc.create_time() - started) < 0.01
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False  # gone, or another user's process by that pid: not the one named
+    return identity_alive(keeper)
 
 
 # Children queued to one warm worker beyond the one it runs: hides the round
@@ -412,7 +353,7 @@ class _Scheduler:
                 self._kill(task)
             for job in self.jobs.values():
                 for worker in job.workers:
-                    _kill_group(worker.pid)
+                    kill_group(worker.pid)
             self.cond.notify_all()
         self.thread.join(timeout=5)
 
@@ -546,7 +487,7 @@ class _Scheduler:
         os.close(write_fd)
         worker = _Worker(job, proc)
         job.workers.append(worker)
-        job.worker_identities.append(_process_identity(proc.pid))
+        job.worker_identities.append(process_identity(proc.pid))
         _persist(job)
         self.free_vcpus -= job.vcpus
         threading.Thread(target=self._read_worker, args=(worker, read_fd), daemon=True).start()
@@ -613,7 +554,7 @@ class _Scheduler:
 
     def _kill(self, task: _Task) -> None:
         if task.pid:
-            _kill_group(task.pid)
+            kill_group(task.pid)
 
     def _task_exited(self, task: _Task, code: int) -> None:
         if task not in self.running:
@@ -664,7 +605,7 @@ class _Scheduler:
                     continue
                 wake = left if wake is None else min(wake, left)
             if job.memory_mib is not None:
-                if _rss_bytes(task.pid) > job.memory_mib * 1024 * 1024:
+                if tree_rss_bytes(task.pid) > job.memory_mib * 1024 * 1024:
                     task.kill_reason = OOM_REASON
                     self._kill(task)
                     continue
@@ -821,7 +762,7 @@ class LocalProvider(Provider):
                 JobInfo(status=S.parse(c[0]), exit_code=c[1], status_reason=c[2], provider_job_id=f"{ref}:{i}", attempts=c[3])
                 for i, c in enumerate(children)
             ]
-        if state is not None and not _pid_alive(state.get("owner")):
+        if state is not None and not running(state.get("owner")):
             return list(self._orphaned_children(ref, state, size))
         return [self._foreign_from_result(ref, i) for i in range(size)]
 
@@ -887,15 +828,15 @@ class LocalProvider(Provider):
                 provider_job_id=ref,
                 attempts=state.get("attempts"),
             )
-            if status.terminal or _pid_alive(state.get("owner")) or _kept(state):
+            if status.terminal or running(state.get("owner")) or _kept(state):
                 return info
             found = self._foreign_from_result(ref, None)
             if found is not None:
                 return found
-            if _pid_alive(state.get("pid")):
+            if running(state.get("pid")):
                 return JobInfo(status=S.RUNNING, provider_job_id=ref, attempts=state.get("attempts"))
             return JobInfo(status=S.FAILED, status_reason=LOST_REASON, provider_job_id=ref)
-        if status.terminal or _pid_alive(state.get("owner")) or _kept(state):
+        if status.terminal or running(state.get("owner")) or _kept(state):
             return JobInfo(status=status, provider_job_id=ref)
         children = self._orphaned_children(ref, state, int(state.get("size") or 0))
         counts = {s.value: 0 for s in S}
@@ -921,7 +862,7 @@ class LocalProvider(Provider):
         never will, and are reported lost.
         """
         ended = self._foreign_ended.setdefault(ref, {})
-        workers_alive = any(_identity_alive(w) for w in state.get("workers") or [])
+        workers_alive = any(identity_alive(w) for w in state.get("workers") or [])
         out: list[JobInfo] = []
         for i in range(size):
             info = ended.get(i) or self._foreign_from_result(ref, i)

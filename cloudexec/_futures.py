@@ -54,6 +54,10 @@ EXIT_INTEGRITY = 3
 # How long a non-terminal property value may be served from the cache before
 # a property read asks the provider again.
 _FRESH_S = 1.0
+# How long a property of a future resolved before its job's reported end waits
+# for that end, and how often it asks meanwhile (`BatchFuture._ended_info`).
+_ENDED_WAIT_S = 30.0
+_ENDED_POLL_S = 0.25
 
 
 #: Lines of each log stream a `JobFailedError` quotes.
@@ -160,6 +164,9 @@ class BatchFuture(Future[T], Generic[T]):
         self._index = index
         self._info: JobInfo | None = None
         self._info_at = 0.0
+        # Resolved with its stored result while the service still said running
+        # (`_finish(..., before_end=True)`): its properties wait for the end.
+        self._before_end = False
         self._logs: dict[str, str | None] = {}
 
     def __repr__(self) -> str:
@@ -185,6 +192,8 @@ class BatchFuture(Future[T], Generic[T]):
     # -- provider properties ---------------------------------------------
     def _current_info(self) -> JobInfo | None:
         info = self._info
+        if self._before_end and (info is None or not info.terminal):
+            return self._ended_info()
         if info is not None and (info.terminal or time.monotonic() - self._info_at < _FRESH_S):
             return info
         fresh = self._core.describe_one(self._record, self._index)
@@ -192,6 +201,24 @@ class BatchFuture(Future[T], Generic[T]):
             self._set_info(fresh)
             return fresh
         return info if info is not None and info.terminal else None
+
+    def _ended_info(self) -> JobInfo | None:
+        """For a future resolved before the service reported its job ended: wait (bounded) for the end.
+
+        The result is final, but ``job_status``/``job_exit_code`` read right
+        after ``result()`` should be the job's final ones too, as they are for
+        a job whose end was reported first. The service reports it seconds
+        later (AWS's status lag); after `_ENDED_WAIT_S` the current answer is
+        returned as it is.
+        """
+        deadline = time.monotonic() + _ENDED_WAIT_S
+        while True:
+            fresh = self._core.describe_one(self._record, self._index)
+            if fresh is not None:
+                self._set_info(fresh)
+            if (fresh is not None and fresh.terminal) or time.monotonic() >= deadline:
+                return self._info
+            time.sleep(_ENDED_POLL_S)
 
     def _set_info(self, info: JobInfo) -> None:
         self._info = info
@@ -309,7 +336,14 @@ class BatchFuture(Future[T], Generic[T]):
             if self._state == PENDING:
                 self.set_running_or_notify_cancel()
 
-    def _finish(self, *, result: Any = None, exception: BaseException | None = None) -> None:
+    def _finish(self, *, result: Any = None, exception: BaseException | None = None, before_end: bool = False) -> None:
+        """Set the outcome (the manager's one way to end a future).
+
+        Args:
+            before_end: the service still reports the job running (its result
+                came first): property reads then wait for its end.
+        """
+        self._before_end = before_end
         self._mark_running()
         try:
             if exception is not None:

@@ -651,7 +651,7 @@ class Manager:
                 running.append(record)
             elif now - seen[0] >= _EARLY_GRACE_S:
                 del self._early[record.job_id]
-                if self._finish_single(record, None, seen[1]):
+                if self._finish_single(record, None, seen[1], before_end=True):
                     self._drop(record)
                     changed = True
         groups: dict[int, tuple[Store, list[_JobRecord]]] = {}
@@ -818,11 +818,14 @@ class Manager:
         except CloudExecError as exc:
             return exc
 
-    def _finish_single(self, record: _JobRecord, info: JobInfo | None, outcomes: Any = _UNREAD) -> bool:
+    def _finish_single(
+        self, record: _JobRecord, info: JobInfo | None, outcomes: Any = _UNREAD, *, before_end: bool = False
+    ) -> bool:
         """Set a single job's future from its stored result; False while that result settles.
 
         Args:
             outcomes: what `_read_outcomes` returned, when read already.
+            before_end: the service still reports the job running.
         """
         future = record.future
         assert future is not None
@@ -838,7 +841,7 @@ class Manager:
             except BaseException as exc:  # noqa: BLE001 - the user's exception, re-raised by result()
                 future._finish(exception=_naming_the_job(exc, record.job_id))
             else:
-                future._finish(result=value)
+                future._finish(result=value, before_end=before_end)
         else:
             future._finish(exception=job_failed(record, None, info, self.core.provider))
         return True

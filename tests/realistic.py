@@ -75,7 +75,9 @@ def count_sdk_retries() -> Iterator[collections.Counter[str]]:
 # own test (test_<provider>_realistic.py); a 25-job map of cold processes here
 # would only measure the machine.
 
-from contract import ExecutorContract  # noqa: E402
+import pytest  # noqa: E402
+
+from contract import ExecutorContract, executor_factory  # noqa: E402
 
 REALISTIC_SUBSET = frozenset(
     {
@@ -93,8 +95,26 @@ REALISTIC_SUBSET = frozenset(
 
 
 class RealisticContract(ExecutorContract):
-    """:data:`REALISTIC_SUBSET` of the executor contract; a provider subclass gives ``make_executor``
-    on an emulator started with ``realistic=True``."""
+    """:data:`REALISTIC_SUBSET` of the executor contract on an emulator started with ``realistic=True``.
+
+    A subclass names the emulator and the executors' defaults; its module gives
+    the ``realistic_emu`` fixture (the running emulator).
+    """
+
+    timeout_exit_code = 143
+    memory_limit = None
+    #: The emulator's name, for the faults line the suite prints.
+    emulator_name = ""
+    #: Keyword arguments of every executor the tests make (poll intervals).
+    executor_defaults: dict[str, Any] = {}
+
+    @pytest.fixture
+    def make_executor(self, realistic_emu: Any) -> Iterator[Any]:
+        def build(**kwargs: Any) -> Any:
+            return realistic_emu.executor(**{**self.executor_defaults, **kwargs})
+
+        yield from executor_factory(build, shutdown_limit_s=30)
+        print(f"\n{self.emulator_name} realistic contract: faults so far {dict(realistic_emu.faults_injected)}")
 
 
 for _name in dir(ExecutorContract):

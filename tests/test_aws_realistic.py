@@ -12,7 +12,6 @@ import pytest
 import jobs
 from cloudexec.testing import aws_batch_emulator
 from cloudexec.testing._hooks import RealisticProfile
-from contract import executor_factory
 from realistic import FAULTED, RealisticContract, map_2000_items_under_faults
 
 pytestmark = [pytest.mark.aws, pytest.mark.realistic]
@@ -100,16 +99,8 @@ def realistic_emu() -> Iterator[Any]:
 class TestAWSContractRealistic(RealisticContract):
     """The contract's lag/fault/cancel subset on the AWS emulator's default realistic profile."""
 
-    timeout_exit_code = 143
-    memory_limit = None
-
-    @pytest.fixture
-    def make_executor(self, realistic_emu: Any) -> Iterator[Any]:
-        def build(**kwargs: Any) -> Any:
-            return realistic_emu.executor(**{"poll_interval_s": FAST_POLL, **kwargs})
-
-        yield from executor_factory(build, shutdown_limit_s=30)
-        print(f"\nAWS realistic contract: faults so far {dict(realistic_emu.faults_injected)}")
+    emulator_name = "AWS"
+    executor_defaults = {"poll_interval_s": FAST_POLL}
 
 
 @pytest.mark.timeout(120)

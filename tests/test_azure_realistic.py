@@ -17,7 +17,6 @@ from cloudexec.testing._hooks import RealisticProfile  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
-from contract import executor_factory  # noqa: E402
 from realistic import FAULTED, RealisticContract, map_2000_items_under_faults  # noqa: E402
 
 pytestmark = [pytest.mark.azure, pytest.mark.realistic]
@@ -132,16 +131,8 @@ def realistic_emu() -> Iterator[Any]:
 class TestAzureContractRealistic(RealisticContract):
     """The contract's lag/fault/cancel subset on the Azure emulator's default realistic profile."""
 
-    timeout_exit_code = 143
-    memory_limit = None
-
-    @pytest.fixture
-    def make_executor(self, realistic_emu: Any) -> Iterator[Any]:
-        def build(**kwargs: Any) -> Any:
-            return realistic_emu.executor(**{**FAST, **kwargs})
-
-        yield from executor_factory(build, shutdown_limit_s=30)
-        print(f"\nAzure realistic contract: faults so far {dict(realistic_emu.faults_injected)}")
+    emulator_name = "Azure"
+    executor_defaults = FAST
 
 
 @pytest.mark.timeout(120)

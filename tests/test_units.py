@@ -1059,12 +1059,18 @@ def test_upstream_placeholder_reads_single_child_chunked_and_whole_results() -> 
 
 
 @pytest.mark.timeout(30)
-def test_a_single_jobs_successful_result_is_delivered_while_the_status_still_says_running() -> None:
+def test_a_single_jobs_successful_result_is_delivered_while_the_status_still_says_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cloudexec import _futures
+
+    monkeypatch.setattr(_futures, "_ENDED_WAIT_S", 0.5)
     provider = LaggingProvider(lag_s=3600.0)  # the service would report the end an hour late
     with BatchExecutor(provider, f"memory://early-{time.time_ns()}", poll_interval_s=(0.02, 0.1)) as ex:
         fut = ex.submit(jobs.double, 21)
         assert fut.result(timeout=20) == 42
-        assert fut.job_status is not None and not fut.job_status.terminal  # the result did not wait for it
+        # The result did not wait for the end; a property waits for it, boundedly.
+        assert fut.job_status is not None and not fut.job_status.terminal
         failing = ex.submit(jobs.fail_on, 3)
         time.sleep(1.0)
         assert not failing.done()  # a stored error waits for the job's end: a retry may still succeed
@@ -1113,3 +1119,14 @@ def test_the_core_modules_import_each_other_without_a_cycle() -> None:
 
     cycles = [c for c in map(cycle_from, sorted(core)) if c]
     assert not cycles, f"import cycles among cloudexec's core modules: {cycles}"
+
+
+
+@pytest.mark.timeout(30)
+def test_properties_read_right_after_an_early_result_wait_for_the_jobs_end() -> None:
+    provider = LaggingProvider(lag_s=4.0)  # longer than the 2 s the result waits for the end
+    with BatchExecutor(provider, f"memory://early-end-{time.time_ns()}", poll_interval_s=(0.02, 0.1)) as ex:
+        fut = ex.submit(jobs.double, 21)
+        assert fut.result(timeout=20) == 42
+        assert fut.job_status is not None and fut.job_status.terminal  # final, as for a job that ended first
+        assert fut.job_exit_code == 0

@@ -102,9 +102,6 @@ def _flush_all_at_exit() -> None:
             log.exception("cloudexec: handing queued jobs over at exit failed")
 
 
-_naming_the_job = naming_the_job
-
-
 def _fail_unfinished(record: _JobRecord, error: Callable[[str], BaseException], *, children_first: bool = True) -> None:
     """End a job's future and its unfinished children with ``error(job id)`` (each child's made on demand)."""
     made = record.children.fail_pending(error)
@@ -630,10 +627,10 @@ class Manager:
         uploaded. The first successful result of a job is final, so a future
         does not wait for that: once its result has been stored for
         `_EARLY_GRACE_S` and the service still says running, it is delivered
-        (its status and exit code are then read from the service when asked).
-        The grace lets a job that is merely exiting end first, so that in the
-        common case ``result()`` returns with the job's final status and exit
-        code in hand. Only jobs reported running are looked for (one bulk read
+        (its status and exit code properties then wait for the reported end:
+        `BatchFuture._ended_info`). The grace lets a job that is merely exiting
+        end first, so that in the common case ``result()`` returns with the
+        job's final status and exit code in hand. Only jobs reported running are looked for (one bulk read
         per poll); a stored error waits for the job's end, as a retry may
         still succeed.
         """
@@ -834,12 +831,12 @@ class Manager:
         if outcomes is _UNSETTLED:
             return False
         if isinstance(outcomes, BaseException):
-            future._finish(exception=_naming_the_job(outcomes, record.job_id))
+            future._finish(exception=naming_the_job(outcomes, record.job_id))
         elif outcomes:
             try:
                 value = _payload.raise_or_return(outcomes)
             except BaseException as exc:  # noqa: BLE001 - the user's exception, re-raised by result()
-                future._finish(exception=_naming_the_job(exc, record.job_id))
+                future._finish(exception=naming_the_job(exc, record.job_id))
             else:
                 future._finish(result=value, before_end=before_end)
         else:
@@ -925,7 +922,7 @@ class Manager:
     def _finish_child(self, record: _JobRecord, index: int, outcomes: list[Any] | BaseException) -> None:
         children = record.children
         if isinstance(outcomes, BaseException):
-            outcomes = _naming_the_job(outcomes, children.child_id(index))
+            outcomes = naming_the_job(outcomes, children.child_id(index))
         children.finish(index, outcomes)
 
     def _finish_array(self, record: _JobRecord) -> None:

@@ -124,6 +124,10 @@ for _name in dir(ExecutorContract):
 
 
 
+#: Credentials that expire after 3 s, statuses lagging, no faults (the credential-rotation tests' profile).
+EXPIRING = dict(status_lag_s=0.2, visibility_lag_s=0.1, batch_fault_rate=0.0, storage_fault_rate=0.0,
+                credential_lifetime_s=3.0)
+
 #: >= 10% of Batch and storage calls faulted, statuses lagging (the 2,000-item map's profile).
 FAULTED = dict(status_lag_s=0.2, visibility_lag_s=0.1, batch_fault_rate=0.12, storage_fault_rate=0.12, seed=8)
 

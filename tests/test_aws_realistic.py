@@ -12,23 +12,17 @@ import pytest
 import jobs
 from cloudexec.testing import aws_batch_emulator
 from cloudexec.testing._hooks import RealisticProfile
-from realistic import FAULTED, RealisticContract, map_2000_items_under_faults
+from realistic import EXPIRING, FAULTED, RealisticContract, map_2000_items_under_faults
 
 pytestmark = [pytest.mark.aws, pytest.mark.realistic]
 
 FAST_POLL = (0.05, 0.3)
-LIFETIME_S = 3.0
+LIFETIME_S = EXPIRING["credential_lifetime_s"]
 
 
 @pytest.fixture(scope="module")
 def rotating_emu() -> Iterator[Any]:
-    profile = RealisticProfile(
-        status_lag_s=0.2,
-        visibility_lag_s=0.1,
-        batch_fault_rate=0.0,
-        storage_fault_rate=0.0,
-        credential_lifetime_s=LIFETIME_S,
-    )
+    profile = RealisticProfile(**EXPIRING)
     with aws_batch_emulator(timeout_scale=0.02, max_vcpus=2, realistic=profile) as emulator:
         yield emulator
 

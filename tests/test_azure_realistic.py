@@ -17,23 +17,17 @@ from cloudexec.testing._hooks import RealisticProfile  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
-from realistic import FAULTED, RealisticContract, map_2000_items_under_faults  # noqa: E402
+from realistic import EXPIRING, FAULTED, RealisticContract, map_2000_items_under_faults  # noqa: E402
 
 pytestmark = [pytest.mark.azure, pytest.mark.realistic]
 
 FAST = {"poll_interval_s": (0.05, 0.3), "lro_polling_interval_s": 0.1}
-LIFETIME_S = 3.0
+LIFETIME_S = EXPIRING["credential_lifetime_s"]
 
 
 @pytest.fixture(scope="module")
 def expiring_emu() -> Iterator[Any]:
-    profile = RealisticProfile(
-        status_lag_s=0.2,
-        visibility_lag_s=0.1,
-        batch_fault_rate=0.0,
-        storage_fault_rate=0.0,
-        credential_lifetime_s=LIFETIME_S,
-    )
+    profile = RealisticProfile(**EXPIRING)
     with azure_batch_emulator(slots=2, kill_grace_s=1.0, realistic=profile) as emulator:
         yield emulator
 

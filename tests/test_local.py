@@ -65,6 +65,26 @@ def test_status_sequence_and_separate_logs(make_executor: Any) -> None:
 
 
 
+@pytest.mark.timeout(90)
+def test_running_jobs_and_workers_cost_no_thread_each(io_root: str, tmp_path: Any) -> None:
+    # One scheduler thread waits for every job process and worker pipe (one
+    # selector), as a batch service would: 6 running jobs, 0 threads more.
+    import threading
+
+    release = str(tmp_path / "go")
+    with LocalBatchExecutor(io_root, max_workers=8) as ex:
+        ex.submit(jobs.double, 1).result(timeout=45)  # the executor's own threads exist now
+        before = {t.name for t in threading.enumerate()}
+        singles = [ex.submit(jobs.wait_for_file, release, i) for i in range(4)]
+        arr = ex.submit_map(jobs.wait_for_file, [release] * 4, [10, 11, 12, 13], chunksize=1)
+        wait_until(lambda: sum(f.job_status == "Running" for f in singles) == 4, 45)
+        wait_until(lambda: arr.status_counts.get("Running", 0) >= 2, 45)
+        assert {t.name for t in threading.enumerate()} <= before | {"cloudexec-progress"}
+        open(release, "w").close()
+        assert [f.result(timeout=45) for f in singles] == [0, 1, 2, 3]
+        assert arr.result(timeout=45) == [10, 11, 12, 13]
+
+
 @pytest.mark.timeout(60)
 def test_retries_show_in_the_status_history(make_executor: Any, tmp_path: Any) -> None:
     ex = make_executor()

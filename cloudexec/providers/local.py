@@ -44,11 +44,12 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 from cloudexec import _keys, _payload
 from cloudexec._base import BatchExecutor
-from cloudexec._process import exit_code_of, identity_alive, kill_group, process_identity, running, tree_rss_bytes
+from cloudexec._log import log
+from cloudexec._process import PopenProcess, Process, Watcher, identity_alive, kill_group, process_identity, running, start, tree_rss_bytes
 from cloudexec._provider import JobInfo, JobSpec, JobStatus, Phase, Provider
 from cloudexec._storage import LocalStore, is_local_url, local_path, make_temp_root, open_store
 from cloudexec.errors import SubmissionError
@@ -114,7 +115,7 @@ class _Task:
         self.exit_code: int | None = None
         self.reason: str | None = None
         self.pid: int | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Process | None = None  # its own process (a single job), not a warm worker
         self.started: float | None = None
         self.kill_reason: str | None = None
         # One character per status it went through (an index into _STATUSES):
@@ -218,19 +219,24 @@ _PIPELINE = 4
 class _Worker:
     """A warm ``runner --serve`` process running one array job's children in turn."""
 
-    def __init__(self, job: _LocalJob, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, job: _LocalJob, proc: Process, stdin: IO[bytes], control_fd: int) -> None:
         self.job = job
         self.proc = proc
         self.pid = proc.pid
+        self.stdin = stdin
+        self.control_fd = control_fd  # the read end of the pipe it reports "start"/"exit" lines on
+        self.buffer = b""  # an incomplete line read from it
         self.assigned: deque[_Task] = deque()  # sent to it and not ended; the first may run
         self.retired = False  # told to stop; its vCPUs were given back
+        # It is gone once both its control pipe closed and it exited (in either order).
+        self.eof = False
+        self.exit_code: int | None = None
 
     def send(self, task: _Task) -> None:
-        assert self.proc.stdin is not None
         self.assigned.append(task)
         line = f"run {task.index} {task.log_path('stdout')} {task.log_path('stderr')}\n"
-        self.proc.stdin.write(line.encode())
-        self.proc.stdin.flush()
+        self.stdin.write(line.encode())
+        self.stdin.flush()
 
     def retire(self, scheduler: _Scheduler) -> None:
         """Stop taking children and give the vCPUs back (once)."""
@@ -239,14 +245,19 @@ class _Worker:
         self.retired = True
         scheduler.free_vcpus += self.job.vcpus
         try:
-            if self.proc.stdin:
-                self.proc.stdin.close()  # EOF: the worker exits after its current child
+            self.stdin.close()  # EOF: the worker exits after its current child
         except OSError:
             pass
 
 
 class _Scheduler:
-    """A tiny batch service: a FIFO of jobs, a fixed pool of vCPUs, watched processes."""
+    """A tiny batch service: a FIFO of jobs, a fixed pool of vCPUs, watched processes.
+
+    One thread runs it: it waits on one selector (`cloudexec._process.Watcher`)
+    for every job process's end and every warm worker's control pipe, so a
+    thousand running jobs cost one thread. Requests from other threads change
+    the state under ``cond`` and wake the selector.
+    """
 
     def __init__(self, max_vcpus: int) -> None:
         self.max_vcpus = max_vcpus
@@ -256,7 +267,7 @@ class _Scheduler:
         self.queue: deque[_LocalJob] = deque()  # jobs with runnable tasks, FIFO
         self.pending: set[_Task] = set()  # tasks waiting for their dependencies
         self.running: set[_Task] = set()
-        self.events: deque[tuple[str, Any]] = deque()
+        self.watcher = Watcher()
         self.closed = False
         self.thread = threading.Thread(target=self._loop, name="cloudexec-local-scheduler", daemon=True)
         self.thread.start()
@@ -277,7 +288,7 @@ class _Scheduler:
                 self.queue.append(job)
             self._release()
             self._after_change(job)
-            self.cond.notify_all()
+        self.watcher.wake()
 
     def _link(self, job: _LocalJob) -> None:
         """Fill each task's ``waits`` from the job's dependencies."""
@@ -332,7 +343,7 @@ class _Scheduler:
                     task.kill_reason = reason
                     self._kill(task)
             self._after_change(job)
-            self.cond.notify_all()
+        self.watcher.wake()
 
     def _unqueue(self, task: _Task) -> None:
         try:
@@ -349,43 +360,59 @@ class _Scheduler:
     def close(self) -> None:
         with self.cond:
             self.closed = True
-            for task in list(self.running):
-                self._kill(task)
-            for job in self.jobs.values():
-                for worker in job.workers:
-                    kill_group(worker.pid)
-            self.cond.notify_all()
+            procs = [t.proc for t in self.running if t.proc is not None]
+            procs += [w.proc for job in self.jobs.values() for w in job.workers]
+            for proc in procs:
+                proc.kill()
+        self.watcher.wake()
         self.thread.join(timeout=5)
+        for proc in procs:
+            try:
+                proc.reap(timeout=1)  # killed: no zombie is left behind
+            except Exception:  # noqa: BLE001 - an unkillable process must not stop the close
+                log.debug("cloudexec: could not reap local job process %s", proc.pid, exc_info=True)
+        if not self.thread.is_alive():
+            self.watcher.close()
 
     # -- the loop --------------------------------------------------------------
     def _loop(self) -> None:
+        events: list[tuple[str, Any, Any]] = []
         while True:
             with self.cond:
                 if self.closed:
                     return
-                self._handle_events()
+                self._handle_events(events)
                 self._release()
                 self._start_tasks()
                 timeout = self._watch()
-                if not self.events:
-                    self.cond.wait(timeout)
+            events = self.watcher.wait(timeout)
 
-    def _event(self, kind: str, payload: Any) -> None:
-        with self.cond:
-            self.events.append((kind, payload))
-            self.cond.notify_all()
+    def _handle_events(self, events: list[tuple[str, Any, Any]]) -> None:
+        for kind, target, detail in events:
+            if kind == "exit" and isinstance(target, _Task):
+                self.watcher.remove_process(detail)
+                self._task_exited(target, detail.reap())
+            elif kind == "exit":
+                self.watcher.remove_process(detail)
+                target.exit_code = detail.reap()
+                self._worker_maybe_gone(target)
+            elif detail:  # a worker's control lines
+                self._worker_lines(target, detail)
+            else:  # its control pipe closed
+                os.close(target.control_fd)
+                target.eof = True
+                self._worker_maybe_gone(target)
 
-    def _handle_events(self) -> None:
-        while self.events:
-            kind, payload = self.events.popleft()
-            if kind == "exit":
-                task, code = payload
-                self._task_exited(task, code)
-            elif kind == "wstart":
-                worker, index = payload
-                self._worker_started(worker, index)
-            elif kind == "wexit":
-                worker, index, code = payload
+    def _worker_lines(self, worker: _Worker, chunk: bytes) -> None:
+        *lines, worker.buffer = (worker.buffer + chunk).split(b"\n")
+        for line in lines:
+            parts = line.split()
+            if not parts:
+                continue
+            if parts[0] == b"start":
+                self._worker_started(worker, int(parts[1]))
+            elif parts[0] == b"exit":
+                index, code = int(parts[1]), int(parts[2])
                 if worker.assigned and worker.assigned[0].index == index:
                     worker.assigned.popleft()
                 if index in worker.job.skip:
@@ -393,17 +420,28 @@ class _Scheduler:
                 else:
                     self._task_exited(worker.job.tasks[index], code)
                 self._maybe_retire(worker)
-            elif kind == "weof":
-                self._worker_gone(payload)
+
+    def _worker_maybe_gone(self, worker: _Worker) -> None:
+        # Its last "exit" lines may still be in the pipe when it exits: the
+        # worker is gone once both the pipe closed and the process ended.
+        if worker.eof and worker.exit_code is not None:
+            self._worker_gone(worker)
 
     def _start_tasks(self) -> None:
         for job in list(self.queue):
             while job.runnable:
                 task = job.runnable[0]
                 if job.is_array:
-                    worker = next((w for w in job.workers if not w.retired and len(w.assigned) < _PIPELINE), None)
+                    # An idle worker first, then a new one while vCPUs are free
+                    # (children run in parallel, as a pool's do), and only then
+                    # the pipe of the least busy one.
+                    live = [w for w in job.workers if not w.retired]
+                    worker = next((w for w in live if not w.assigned), None)
                     if worker is None and job.vcpus <= self.free_vcpus:
                         worker = self._spawn_worker(job)
+                    if worker is None and live:
+                        worker = min(live, key=lambda w: len(w.assigned))
+                        worker = worker if len(worker.assigned) < _PIPELINE else None
                     if worker is None:
                         break
                     job.runnable.popleft()
@@ -439,26 +477,23 @@ class _Scheduler:
     def _launch_single(self, task: _Task) -> None:
         job = task.job
         with open(task.log_path("stdout"), "wb") as out, open(task.log_path("stderr"), "wb") as err:
-            proc = subprocess.Popen(
+            # Its own session: a kill reaches everything the job started.
+            proc = start(
                 [sys.executable, "-m", "cloudexec.runner", job.spec.job_url],
-                stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
                 cwd=job.work_dir,
                 env=_process_env(job.env),
-                start_new_session=True,  # own process group: a kill reaches its subprocesses
             )
+        task.proc = proc
         self._begin(task, proc.pid)
-        threading.Thread(target=self._wait_proc, args=(task, proc), daemon=True).start()
-
-    def _wait_proc(self, task: _Task, proc: subprocess.Popen[bytes]) -> None:
-        self._event("exit", (task, exit_code_of(proc.wait())))
+        self.watcher.add_process(proc, task)
 
     def _spawn_worker(self, job: _LocalJob) -> _Worker | None:
         read_fd, write_fd = os.pipe()
         try:
             with open(os.path.join(job.log_dir, "worker.log"), "ab") as worker_log:
-                proc = subprocess.Popen(
+                proc = start(
                     [
                         sys.executable, "-m", "cloudexec.runner", job.spec.job_url,
                         "--serve", "--control-fd", str(write_fd),
@@ -473,7 +508,6 @@ class _Scheduler:
                     cwd=job.work_dir,
                     env=_process_env(job.env),
                     pass_fds=(write_fd,),
-                    start_new_session=True,
                 )
         except OSError as exc:
             os.close(read_fd)
@@ -485,38 +519,16 @@ class _Scheduler:
             self._after_change(job)
             return None
         os.close(write_fd)
-        worker = _Worker(job, proc)
+        assert isinstance(proc, PopenProcess) and proc.popen.stdin is not None
+        os.set_blocking(read_fd, False)
+        worker = _Worker(job, proc, proc.popen.stdin, read_fd)
         job.workers.append(worker)
         job.worker_identities.append(process_identity(proc.pid))
         _persist(job)
         self.free_vcpus -= job.vcpus
-        threading.Thread(target=self._read_worker, args=(worker, read_fd), daemon=True).start()
+        self.watcher.add_reader(read_fd, worker)
+        self.watcher.add_process(proc, worker)
         return worker
-
-    def _read_worker(self, worker: _Worker, read_fd: int) -> None:
-        # Read whatever lines are there and queue them under one lock: a
-        # 1,000-child array would otherwise wake the scheduler 2,000 times.
-        buffer = b""
-        while True:
-            chunk = os.read(read_fd, 65536)
-            if not chunk:
-                break
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            events: list[tuple[str, Any]] = []
-            for line in lines:
-                parts = line.split()
-                if parts[0] == b"start":
-                    events.append(("wstart", (worker, int(parts[1]))))
-                elif parts[0] == b"exit":
-                    events.append(("wexit", (worker, int(parts[1]), int(parts[2]))))
-            if events:
-                with self.cond:
-                    self.events.extend(events)
-                    self.cond.notify_all()
-        os.close(read_fd)
-        worker.proc.wait()
-        self._event("weof", worker)
 
     def _worker_started(self, worker: _Worker, index: int) -> None:
         task = worker.job.tasks[index]
@@ -536,7 +548,7 @@ class _Scheduler:
         for task in worker.assigned:
             if task.status is S.RUNNING and task in self.running:
                 # The child that was running ended the worker (os._exit, a signal).
-                self._task_exited(task, exit_code_of(worker.proc.wait()))
+                self._task_exited(task, worker.exit_code if worker.exit_code is not None else _KILLED_EXIT)
             elif task.index in job.skip:
                 job.skip.discard(task.index)
             else:
@@ -553,8 +565,10 @@ class _Scheduler:
             worker.retire(self)
 
     def _kill(self, task: _Task) -> None:
-        if task.pid:
-            kill_group(task.pid)
+        if task.proc is not None:
+            task.proc.kill()  # a no-op once it was reaped, so never a reused pid
+        elif task.pid:
+            kill_group(task.pid)  # a warm worker's child: the worker goes with it
 
     def _task_exited(self, task: _Task, code: int) -> None:
         if task not in self.running:

@@ -80,6 +80,43 @@ def test_a_map_on_the_local_provider_keeps_no_future_per_child(io_root: str) -> 
 
 
 @pytest.mark.timeout(TIMEOUT_S)
+def test_the_local_scheduler_keeps_no_record_per_child_that_ran_as_usual(io_root: str, tmp_path: Any) -> None:
+    # The local "batch service" lives in the client, so its per-child state is
+    # client memory: a child queued at once that succeeded at its first
+    # attempt is kept as its worker's pid, not as a record of its own.
+    from cloudexec.providers.local import LocalProvider, _Task
+
+    n = 600
+    with LocalBatchExecutor(io_root, max_workers=2) as ex:
+        before = _alive(_Task)
+        results = ex.map(jobs.double, range(n), chunksize=1)
+        array = _array_of(results)
+        for i, value in enumerate(results):
+            assert value == 2 * i
+            if i == n // 2:
+                assert _alive(_Task) - before <= 2 * 5  # the children in the 2 workers' pipes
+        assert _alive(_Task) - before == 0
+        # The unusual children keep their records: a retried one, a failed one.
+        flaky = ex.with_settings(retries=1).submit_map(
+            jobs.flaky, [str(tmp_path / f"count-{i}") for i in range(3)], [1, 0, 0], chunksize=1
+        )
+        assert flaky.result(timeout=60) == [2, 1, 1]
+        assert [c.job_status_reason for c in flaky.children] == [None, None, None]
+        assert flaky.children[0].properties()["attempts"] == 2
+        assert flaky.children[1].properties()["attempts"] == 1
+        assert flaky.children[0].properties()["status_history"] == [
+            "Submitted", "Runnable", "Running", "Runnable", "Running", "Succeeded"
+        ]
+        assert flaky.children[1].properties()["status_history"] == ["Submitted", "Runnable", "Running", "Succeeded"]
+        provider = ex._core.provider
+        assert isinstance(provider, LocalProvider)
+        job = provider._job(array._record.ref)
+        assert job is not None and not any(isinstance(t, _Task) for t in job.tasks)
+        retried = provider._job(flaky._record.ref)
+        assert retried is not None and [isinstance(t, _Task) for t in retried.tasks] == [True, False, False]
+
+
+@pytest.mark.timeout(TIMEOUT_S)
 def test_children_are_made_on_demand_and_share_the_arrays_results(fake: FakeBatchExecutor) -> None:
     arr = fake.submit_map(jobs.make_dummy, range(20), chunksize=4)
     values = arr.result(timeout=60)

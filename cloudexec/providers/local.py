@@ -86,6 +86,10 @@ class LocalJobStatus(JobStatus):
 S = LocalJobStatus
 _STATUSES = list(S)
 _STATUS_CODE = {status: chr(48 + i) for i, status in enumerate(_STATUSES)}
+# The history of a child that was queued at once, ran once and succeeded: what
+# most children of a big array go through, so they are kept without a record.
+_QUEUED = _STATUS_CODE[S.SUBMITTED] + _STATUS_CODE[S.RUNNABLE]
+_FIRST_TIME_OK = _QUEUED + _STATUS_CODE[S.RUNNING] + _STATUS_CODE[S.SUCCEEDED]
 
 
 class _Task:
@@ -162,11 +166,20 @@ class _LocalJob:
         os.makedirs(self.work_dir, exist_ok=True)
         self.env = env
         self.is_array = spec.array_size is not None
-        self.tasks = [_Task(self, i) for i in range(spec.array_size or 0)] if self.is_array else [_Task(self, None)]
+        self.size = spec.array_size or 1
+        # A 100,000-child array keeps no record per child while the child is in
+        # its common states: None = not started yet (status `fresh_status`),
+        # an int = succeeded at its first attempt in the process with that pid
+        # (the worker's pid object, shared). Any other child has a _Task
+        # (`task` creates it on demand). A single job always has its _Task.
+        self.tasks: list[_Task | int | None] = [None] * self.size if self.is_array else [_Task(self, None)]
+        self.fresh_status = S.SUBMITTED
+        self.fresh_left = self.size if self.is_array else 0  # children still None
+        self.fresh_next = 0  # no None child before this index
         # Kept up to date by _Task.set, so the job's status costs O(1), not O(children).
         self.counts: dict[LocalJobStatus, int] = {s: 0 for s in S}
-        self.counts[S.SUBMITTED] = len(self.tasks)
-        self.runnable: deque[_Task] = deque()
+        self.counts[S.SUBMITTED] = self.size
+        self.runnable: deque[_Task] = deque()  # runnable records, before the None children
         self.workers: list[_Worker] = []
         self.skip: set[int | None] = set()  # children withdrawn from a worker's pipe
         self.persisted: str | None = None
@@ -177,10 +190,70 @@ class _LocalJob:
         # is held for its upstream jobs (`_local_keeper`), as process_identity.
         self.keeper: list[float] | None = None
 
+    def _record(self, index: int | None) -> _Task:
+        """Child ``index``'s record: its _Task, or a new one made from its compact form (not kept)."""
+        held = self.tasks[index or 0]
+        if isinstance(held, _Task):
+            return held
+        task = _Task(self, index)
+        if held is None:
+            task.status = self.fresh_status
+            task.history = _QUEUED if self.fresh_status is S.RUNNABLE else _STATUS_CODE[S.SUBMITTED]
+        else:
+            task.status, task.attempts, task.exit_code, task.pid = S.SUCCEEDED, 1, 0, held
+            task.history = _FIRST_TIME_OK
+        return task
+
+    def task(self, index: int | None) -> _Task:
+        """Child ``index``'s record (the single job's for None), kept from now on: for a child that changes."""
+        held = self.tasks[index or 0]
+        if isinstance(held, _Task):
+            return held
+        task = self._record(index)
+        self.tasks[index or 0] = task
+        if held is None:
+            self.fresh_left -= 1
+        return task
+
+    def all_tasks(self) -> list[_Task]:
+        """Every child's kept record (for dependencies and cancelling the whole job)."""
+        return [self.task(i if self.is_array else None) for i in range(self.size)]
+
+    def infos(self) -> list[JobInfo]:
+        """Every child's state, without keeping a record per child."""
+        return [self._record(i).info() for i in range(self.size)]
+
+    def child_info(self, index: int) -> JobInfo:
+        """Child ``index``'s state."""
+        return self._record(index).info()
+
+    def has_runnable(self) -> bool:
+        """Whether a child waits for a process to run it."""
+        return bool(self.runnable) or (self.fresh_status is S.RUNNABLE and self.fresh_left > 0)
+
+    def pop_runnable(self) -> _Task:
+        """The next child to run (retried and released ones first, then in index order)."""
+        if self.runnable:
+            return self.runnable.popleft()
+        while self.tasks[self.fresh_next] is not None:
+            self.fresh_next += 1
+        return self.task(self.fresh_next)
+
+    def compact(self, task: _Task) -> None:
+        """Drop the record of an array child that succeeded at its first attempt (its pid is all it keeps)."""
+        if (
+            self.is_array
+            and task.history == _FIRST_TIME_OK
+            and task.exit_code == 0
+            and task.reason is None
+            and task.pid is not None
+        ):
+            self.tasks[task.index or 0] = task.pid
+
     def status(self) -> LocalJobStatus:
         c = self.counts
         ended = c[S.SUCCEEDED] + c[S.FAILED]
-        if ended == len(self.tasks):
+        if ended == self.size:
             return S.FAILED if c[S.FAILED] else S.SUCCEEDED
         if c[S.RUNNING] or ended:
             return S.RUNNING
@@ -190,11 +263,11 @@ class _LocalJob:
 
     def info(self) -> JobInfo:
         if not self.is_array:
-            return self.tasks[0].info()
+            return self.task(None).info()
         status = self.status()
         counts = {s.value: n for s, n in self.counts.items()}
         failed = counts[S.FAILED.value]
-        reason = f"{failed} of {len(self.tasks)} array children failed" if status is S.FAILED else None
+        reason = f"{failed} of {self.size} array children failed" if status is S.FAILED else None
         return JobInfo(status=status, status_reason=reason, provider_job_id=self.job_id, status_counts=counts)
 
 
@@ -277,14 +350,20 @@ class _Scheduler:
         with self.cond:
             self._link(job)
             self.jobs[job.job_id] = job
-            for task in job.tasks:
-                if task.waits:
-                    task.set(S.PENDING)
-                    self.pending.add(task)
-                else:
-                    task.set(S.RUNNABLE)
-                    job.runnable.append(task)
-            if job.runnable:
+            if job.is_array and not job.spec.depends_on:
+                # Every child is queued at once: a count, not a record each.
+                job.counts[S.SUBMITTED] -= job.size
+                job.counts[S.RUNNABLE] += job.size
+                job.fresh_status = S.RUNNABLE
+            else:
+                for task in job.all_tasks():
+                    if task.waits:
+                        task.set(S.PENDING)
+                        self.pending.add(task)
+                    else:
+                        task.set(S.RUNNABLE)
+                        job.runnable.append(task)
+            if job.has_runnable():
                 self.queue.append(job)
             self._release()
             self._after_change(job)
@@ -301,7 +380,8 @@ class _Scheduler:
                     f"job {job.job_id} cannot wait for job {dep.job_id}: this process did not schedule it. "
                     "Pass its result instead (future.result())."
                 )
-            for task, waits in zip(job.tasks, dep.waits(job.tasks, upstream.tasks)):
+            tasks = job.all_tasks()
+            for task, waits in zip(tasks, dep.waits(tasks, upstream.all_tasks())):
                 if waits:
                     task.waits = [*task.waits, *waits]
 
@@ -329,7 +409,7 @@ class _Scheduler:
 
     def cancel(self, job: _LocalJob, reason: str, index: int | None) -> None:
         with self.cond:
-            tasks = job.tasks if index is None else [job.tasks[index]]
+            tasks = job.all_tasks() if index is None else [job.task(index)]
             if job.is_array:
                 # Workers that outlive the client must not start what was cancelled.
                 _withdraw_from_orphans(job, index)
@@ -418,7 +498,7 @@ class _Scheduler:
                 if index in worker.job.skip:
                     worker.job.skip.discard(index)
                 else:
-                    self._task_exited(worker.job.tasks[index], code)
+                    self._task_exited(worker.job.task(index), code)
                 self._maybe_retire(worker)
 
     def _worker_maybe_gone(self, worker: _Worker) -> None:
@@ -429,8 +509,7 @@ class _Scheduler:
 
     def _start_tasks(self) -> None:
         for job in list(self.queue):
-            while job.runnable:
-                task = job.runnable[0]
+            while job.has_runnable():
                 if job.is_array:
                     # An idle worker first, then a new one while vCPUs are free
                     # (children run in parallel, as a pool's do), and only then
@@ -442,14 +521,13 @@ class _Scheduler:
                     if worker is None and live:
                         worker = min(live, key=lambda w: len(w.assigned))
                         worker = worker if len(worker.assigned) < _PIPELINE else None
-                    if worker is None:
+                    if worker is None or not job.has_runnable():
                         break
-                    job.runnable.popleft()
-                    worker.send(task)
+                    worker.send(job.pop_runnable())
                     continue
                 if job.vcpus > self.free_vcpus:
                     break
-                job.runnable.popleft()
+                task = job.pop_runnable()
                 self.free_vcpus -= job.vcpus
                 try:
                     self._launch_single(task)
@@ -458,7 +536,7 @@ class _Scheduler:
                     task.reason = f"Could not start the job process: {type(exc).__name__}: {exc}"
                     task.set(S.FAILED)
                     self._after_change(job)
-            if not job.runnable:
+            if not job.has_runnable():
                 self.queue.remove(job)
             if self.free_vcpus <= 0:
                 break
@@ -499,7 +577,7 @@ class _Scheduler:
                         "--serve", "--control-fd", str(write_fd),
                         # After a client's death its workers finish the array (see runner._Orphans).
                         "--claims", os.path.join(job.dir, "claims"),
-                        "--size", str(len(job.tasks)),
+                        "--size", str(job.size),
                         "--log-dir", job.log_dir,
                     ],
                     stdin=subprocess.PIPE,
@@ -512,8 +590,8 @@ class _Scheduler:
         except OSError as exc:
             os.close(read_fd)
             os.close(write_fd)
-            for task in list(job.runnable):
-                job.runnable.remove(task)
+            while job.has_runnable():
+                task = job.pop_runnable()
                 task.reason = f"Could not start the job process: {exc}"
                 task.set(S.FAILED)
             self._after_change(job)
@@ -531,9 +609,9 @@ class _Scheduler:
         return worker
 
     def _worker_started(self, worker: _Worker, index: int) -> None:
-        task = worker.job.tasks[index]
         if index in worker.job.skip:
             return
+        task = worker.job.task(index)
         self._begin(task, worker.pid)
         if task.kill_reason is not None:  # cancelled before it started
             self._kill(task)
@@ -561,7 +639,7 @@ class _Scheduler:
 
     def _maybe_retire(self, worker: _Worker) -> None:
         job = worker.job
-        if not worker.assigned and not job.runnable:
+        if not worker.assigned and not job.has_runnable():
             worker.retire(self)
 
     def _kill(self, task: _Task) -> None:
@@ -585,6 +663,7 @@ class _Scheduler:
             task.reason = _REASON_EXITED
         if code == 0 and task.kill_reason is None:
             task.set(S.SUCCEEDED)
+            job.compact(task)
         elif task.attempts < job.max_attempts and not (task.kill_reason or "").startswith("Terminated"):
             task.set(S.RUNNABLE)
             job.runnable.append(task)
@@ -652,7 +731,7 @@ def _withdraw_from_orphans(job: _LocalJob, index: int | None) -> None:
 def fail_unstarted(spec: JobSpec, state_dir: str, env: dict[str, str], reason: str) -> None:
     """Record a job that will never run (an upstream job failed) as failed with ``reason``."""
     job = _LocalJob(spec, state_dir, env)
-    for task in job.tasks:
+    for task in job.all_tasks():
         task.reason = reason
         task.set(S.FAILED)
     _persist(job)
@@ -665,12 +744,18 @@ def _persist(job: _LocalJob) -> None:
     if job.keeper is not None and status is S.PENDING:
         state["keeper"] = job.keeper
     if not job.is_array:
-        task = job.tasks[0]
+        task = job.task(None)
         state.update(exit_code=task.exit_code, reason=task.reason, attempts=task.attempts, pid=task.pid)
     elif status.terminal:
-        state["children"] = [[t.status.value, t.exit_code, t.reason, t.attempts] for t in job.tasks]
+        # The children that succeeded at their first attempt are the rule, not listed.
+        state["size"] = job.size
+        state["exceptions"] = {
+            str(i): [t.status.value, t.exit_code, t.reason, t.attempts]
+            for i, t in enumerate(job.tasks)
+            if isinstance(t, _Task)
+        }
     else:
-        state.update(size=len(job.tasks), workers=job.worker_identities)
+        state.update(size=job.size, workers=job.worker_identities)
     try:
         LocalStore(job.dir).write("local.json", json.dumps(state).encode())
     except OSError:
@@ -768,13 +853,16 @@ class LocalProvider(Provider):
         job = self._job(ref)
         if job is not None and self._scheduler is not None:
             with self._scheduler.cond:
-                return [t.info() for t in job.tasks]
+                children: list[JobInfo | None] = list(job.infos())
+                return children
         state = self._read_state(ref)
-        children = (state or {}).get("children")
-        if children:
+        exceptions = (state or {}).get("exceptions")
+        if exceptions is not None and state is not None and S.parse(state["status"]).terminal:
+            rule = [S.SUCCEEDED.value, 0, None, 1]
+            rows = (exceptions.get(str(i), rule) for i in range(int(state["size"])))
             return [
                 JobInfo(status=S.parse(c[0]), exit_code=c[1], status_reason=c[2], provider_job_id=f"{ref}:{i}", attempts=c[3])
-                for i, c in enumerate(children)
+                for i, c in enumerate(rows)
             ]
         if state is not None and not running(state.get("owner")):
             return list(self._orphaned_children(ref, state, size))
@@ -784,7 +872,7 @@ class LocalProvider(Provider):
         job = self._job(ref)
         if job is not None and self._scheduler is not None:
             with self._scheduler.cond:
-                return job.tasks[index].info() if index < len(job.tasks) else None
+                return job.child_info(index) if index < job.size else None
         return super().describe_child(ref, size, index)
 
     def cancel(self, ref: str, reason: str, *, index: int | None = None) -> None:

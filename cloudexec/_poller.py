@@ -44,6 +44,8 @@ _MISSING_S = 30.0
 # A poll is followed by a pause of at least this many times its own duration
 # (never beyond the longest poll interval).
 _POLL_COST_RATIO = 4.0
+# The shortest pause between polls the provider's own change reports (`Provider.watch`) may bring.
+_NUDGE_PAUSE_S = 0.005
 # Longest stretch the manager spends submitting before it polls again.
 _DISPATCH_SLICE_S = 1.0
 # A job is given up only after this many failed polls in a row AND the
@@ -150,6 +152,9 @@ class Manager:
         self.hold: _Hold | None = None
         # Why queued jobs wait, while the provider's capacity keeps them back.
         self.hold_reason: str | None = None
+        # The provider said a job changed (`Provider.watch`): poll soon, not at the next pause.
+        self._nudged = False
+        core.provider.watch(self.nudge)
 
     # -- called from user threads ------------------------------------------
     def _check_alive(self) -> None:
@@ -209,6 +214,12 @@ class Manager:
     def wake(self) -> None:
         """Make the manager look at its queue now (after a cancel)."""
         with self.cond:
+            self.cond.notify_all()
+
+    def nudge(self) -> None:
+        """Poll as soon as the shortest pause allows: the provider saw a job change."""
+        with self.cond:
+            self._nudged = True
             self.cond.notify_all()
 
     def cancel_queued(self) -> None:
@@ -320,9 +331,16 @@ class Manager:
     def _loop(self) -> None:
         interval = self.min_interval
         next_poll = time.monotonic() + self.min_interval
+        earliest = 0.0  # when a nudge may make the next poll happen
         while True:
             if self._dispatch():
                 next_poll = min(next_poll, time.monotonic() + self.min_interval)
+            if self._nudged:
+                # Still not at once after a poll (nor sooner than its cost
+                # allows): a map that ends a child every millisecond is polled in batches.
+                self._nudged = False
+                interval = self.min_interval
+                next_poll = min(next_poll, earliest)
             if self.inflight and time.monotonic() >= next_poll:
                 started = time.monotonic()
                 changed = self._poll()
@@ -331,11 +349,13 @@ class Manager:
                 # waits in proportion: the manager keeps to a share of the CPU
                 # and the GIL, and collects more results per poll.
                 spent = time.monotonic() - started
-                next_poll = time.monotonic() + max(interval, min(_POLL_COST_RATIO * spent, self.max_interval))
+                cost_pause = min(_POLL_COST_RATIO * spent, self.max_interval)
+                next_poll = time.monotonic() + max(interval, cost_pause)
+                earliest = time.monotonic() + max(_NUDGE_PAUSE_S, cost_pause)
             with self.cond:
                 if self.stopping and not self.queue and not self.inflight and not self.waiting:
                     return
-                if self._can_dispatch() and not self._held():
+                if (self._can_dispatch() and not self._held()) or self._nudged:
                     continue
                 kinds = self.core.provider.dependency_kinds
                 if any(not _depends.waits_in_client(r, kinds) for r in self.waiting):

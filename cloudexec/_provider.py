@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -265,6 +265,15 @@ class Provider(ABC):
         """
         cmd = ("python", "-m", "cloudexec.runner", job_url)
         return cmd + ("--array",) if array else cmd
+
+    def watch(self, on_change: Callable[[], None]) -> None:
+        """Call ``on_change()`` (from any thread, holding no lock) when a job's state changed.
+
+        For a provider that learns of changes as they happen (its own
+        processes ending): the executor then polls at once instead of at its
+        next pause, so a result is delivered without waiting for a poll.
+        Optional: a cloud service is polled. Default: nothing.
+        """
 
     def at_exit(self) -> None:
         """The interpreter exits without ``shutdown()``; the jobs handed over go on.

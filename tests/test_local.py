@@ -86,6 +86,15 @@ def test_running_jobs_and_workers_cost_no_thread_each(io_root: str, tmp_path: An
 
 
 @pytest.mark.timeout(60)
+def test_a_local_job_end_is_delivered_without_waiting_for_a_poll(io_root: str) -> None:
+    # The local scheduler sees its processes end and tells the executor
+    # (Provider.watch), so even a long poll pause does not delay a result.
+    with LocalBatchExecutor(io_root, max_workers=2, poll_interval_s=(20.0, 20.0)) as ex:
+        assert ex.submit(jobs.double, 21).result(timeout=15) == 42
+        assert list(ex.map(jobs.double, range(3), chunksize=1, timeout=15)) == [0, 2, 4]
+
+
+@pytest.mark.timeout(60)
 def test_retries_show_in_the_status_history(make_executor: Any, tmp_path: Any) -> None:
     ex = make_executor()
     fut = ex.with_settings(retries=2).submit(jobs.flaky, str(tmp_path / "count"), 2)

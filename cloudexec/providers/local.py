@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from cloudexec import _keys, _payload
@@ -342,6 +342,8 @@ class _Scheduler:
         self.running: set[_Task] = set()
         self.watcher = Watcher()
         self.closed = False
+        self.changed = False  # a job changed since listeners were last told
+        self.listeners: list[Callable[[], None]] = []
         self.thread = threading.Thread(target=self._loop, name="cloudexec-local-scheduler", daemon=True)
         self.thread.start()
 
@@ -465,6 +467,11 @@ class _Scheduler:
                 self._release()
                 self._start_tasks()
                 timeout = self._watch()
+                changed, self.changed = self.changed, False
+                listeners = list(self.listeners)
+            if changed:
+                for listener in listeners:  # outside the lock: they take locks of their own
+                    listener()
             events = self.watcher.wait(timeout)
 
     def _handle_events(self, events: list[tuple[str, Any, Any]]) -> None:
@@ -674,6 +681,7 @@ class _Scheduler:
         self._after_change(job)
 
     def _after_change(self, job: _LocalJob) -> None:
+        self.changed = True
         status = job.status()
         if status.terminal:
             for worker in job.workers:
@@ -799,6 +807,9 @@ class LocalProvider(Provider):
             if self._scheduler is None:
                 self._scheduler = _Scheduler(self.max_vcpus)
             return self._scheduler
+
+    def watch(self, on_change: Callable[[], None]) -> None:
+        self.scheduler.listeners.append(on_change)
 
     def validate_settings(self, settings: JobSettings) -> None:
         if settings.vcpus is not None and settings.vcpus > self.max_vcpus:

@@ -20,6 +20,10 @@ as arguments) lists the `Dependency` kinds it honours in ``dependency_kinds``
 and finds them in ``spec.depends_on``; the core refuses a dependent call on a
 provider that lists none, rather than wait for the upstream in the client.
 
+A provider that sees its jobs change as it happens (its own local processes)
+may say so through ``watch``: the executor then polls at once rather than at
+its next pause. A cloud service is polled; the default does nothing.
+
 Missing verbs fail at construction (``abc``), never at first call.
 """
 

@@ -77,10 +77,12 @@ def test_running_jobs_and_workers_cost_no_thread_each(io_root: str, tmp_path: An
         before = {t.name for t in threading.enumerate()}
         singles = [ex.submit(jobs.wait_for_file, release, i) for i in range(4)]
         arr = ex.submit_map(jobs.wait_for_file, [release] * 4, [10, 11, 12, 13], chunksize=1)
-        wait_until(lambda: sum(f.job_status == "Running" for f in singles) == 4, 45)
-        wait_until(lambda: arr.status_counts.get("Running", 0) >= 2, 45)
-        assert {t.name for t in threading.enumerate()} <= before | {"cloudexec-progress"}
-        open(release, "w").close()
+        try:
+            wait_until(lambda: sum(f.job_status == "Running" for f in singles) == 4, 45)
+            wait_until(lambda: (arr.status_counts or {}).get("Running", 0) >= 2, 45)
+            assert {t.name for t in threading.enumerate()} <= before | {"cloudexec-progress"}
+        finally:
+            open(release, "w").close()  # the jobs end, so the executor's shutdown does not wait
         assert [f.result(timeout=45) for f in singles] == [0, 1, 2, 3]
         assert arr.result(timeout=45) == [10, 11, 12, 13]
 

@@ -50,6 +50,7 @@ is false and jobs start as fresh processes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import select
@@ -409,6 +410,10 @@ def _serve(sock: socket.socket, preload: Sequence[str], warmups: Sequence[str]) 
     if threading.active_count() != 1:
         # Forking with other threads alive could copy a held lock into a child.
         raise SystemExit(f"fork server: an import started a thread ({threading.enumerate()}); refusing to fork")
+    # What the server built is every child's, copy-on-write: frozen, it is left out of the
+    # children's garbage collections, which would otherwise visit (and so copy) every page of it.
+    gc.collect()
+    gc.freeze()
     set_death_signal = _death_signal_setter()
     children: dict[int, int] = {}  # pid -> request id
     by_id: dict[int, int] = {}  # request id -> pid

@@ -10,6 +10,7 @@ Writes are atomic for every reader: locally through a temporary file and
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import uuid
@@ -153,6 +154,7 @@ class FsspecStore:
             path = fs._strip_protocol(self.url)
         self.fs = fs
         self.root = path.rstrip("/")
+        self._first_part = _protocol(fs) in _READ_FIRST_PART
 
     def _p(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -171,8 +173,25 @@ class FsspecStore:
         self.fs.pipe({self._p(key): data if isinstance(data, bytes) else bytes(data) for key, data in items.items()})
 
     def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
-        data: bytes = self.fs.cat_file(self._p(key), start=start, end=end)
-        return data
+        path = self._p(key)
+        if start is None and end is None and self._first_part:
+            data = self._read_first_part(path)
+            if data is not None:
+                return data
+        whole: bytes = self.fs.cat_file(path, start=start, end=end)
+        return whole
+
+    def _read_first_part(self, path: str) -> bytes | None:
+        """The whole object if it fits in one first ranged read; None if it may be bigger (or is empty)."""
+        try:
+            data = self.fs.cat_file(path, start=0, end=_FIRST_PART_BYTES)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return None  # S3 has no byte range of an empty object
+            raise
+        return bytes(data) if len(data) < _FIRST_PART_BYTES else None
 
     def read_many(self, keys: list[str]) -> dict[str, bytes | None | Exception]:
         if len(keys) == 1:
@@ -184,10 +203,16 @@ class FsspecStore:
                 return {keys[0]: exc}
         paths = {self._p(key): key for key in keys}
         # fsspec's bulk cat: s3fs and adlfs send the GETs concurrently.
-        answers = self.fs.cat(list(paths), on_error="return")
+        ranged = {"start": 0, "end": _FIRST_PART_BYTES} if self._first_part else {}
+        answers = self.fs.cat(list(paths), on_error="return", **ranged)
         out: dict[str, bytes | None | Exception] = {}
         for path, key in paths.items():
             answer = answers.get(path, answers.get(self.fs._strip_protocol(path)))
+            if ranged and _maybe_partial(answer):
+                try:
+                    answer = self.fs.cat_file(path)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller, per key
+                    answer = exc
             if isinstance(answer, FileNotFoundError) or answer is None:
                 out[key] = None
             elif isinstance(answer, Exception):
@@ -227,6 +252,22 @@ class FsspecStore:
 
     def child(self, key: str) -> FsspecStore:
         return FsspecStore(f"{self.url}/{key}", self.storage_options, fs=self.fs)
+
+
+# s3fs reads a whole object with a HEAD (to choose a concurrent download) and then a GET,
+# and finds a key missing with a HEAD and a LIST. Every job reads its call and looks for
+# an earlier result that way, so whole objects are first asked for as one ranged GET of
+# their first part, which answers both in one request; only a bigger object (or an empty
+# one, which has no byte range) is then read s3fs's own way.
+_READ_FIRST_PART = frozenset({"s3", "s3a"})
+_FIRST_PART_BYTES = 1 << 20
+
+
+def _maybe_partial(answer: Any) -> bool:
+    """Whether a first-part answer may not be the whole object (as big as the part, or empty)."""
+    if isinstance(answer, (bytes, bytearray)):
+        return len(answer) >= _FIRST_PART_BYTES
+    return isinstance(answer, OSError) and not isinstance(answer, FileNotFoundError) and answer.errno == errno.EINVAL
 
 
 def _protocol(fs: Any) -> str:

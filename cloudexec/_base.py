@@ -372,7 +372,10 @@ class BatchExecutor(Executor):
             "call",
             job_id,
             None,
-            _payload.pack("call", (fn, None, None), ship=True, ship_names=modules, array=True, chunksize=chunksize),
+            # ``children``: a child that knows the table's size reads its slice in two requests, not three.
+            _payload.pack(
+                "call", (fn, None, None), ship=True, ship_names=modules, array=True, chunksize=chunksize, children=size
+            ),
         )
         record = _JobRecord(
             job_id=job_id,

@@ -475,12 +475,18 @@ class InputsBuffer:
         return self._buffer
 
 
-def read_input_slice(read: Any, index: int) -> bytes:
-    """Read chunk ``index`` of an inputs object through ``read(start, end)``."""
-    head = read(0, 16)
-    if head[:8] != _INDEX_MAGIC:
-        raise PayloadError("inputs object is not a cloudexec inputs table")
-    (count,) = _U64.unpack_from(head, 8)
+def read_input_slice(read: Any, index: int, count: int | None = None) -> bytes:
+    """Read chunk ``index`` of an inputs object through ``read(start, end)``.
+
+    ``count``, the number of chunks (the ``children`` header of the array's
+    call, which the runner verified), spares the read of the table's own
+    header: on object stores every read is a request.
+    """
+    if count is None:
+        head = read(0, 16)
+        if head[:8] != _INDEX_MAGIC:
+            raise PayloadError("inputs object is not a cloudexec inputs table")
+        (count,) = _U64.unpack_from(head, 8)
     if not 0 <= index < count:
         raise PayloadError(f"array index {index} is outside the job's {count} children")
     table_start = 16 + 8 * index

@@ -138,12 +138,16 @@ class _Loaded:
         if header.get("kind") != "call":
             raise _payload.PayloadError(f"{_payload.CALL} of job {job_id} holds a {header.get('kind')!r}, not a call")
         self.fn, self.args, self.kwargs = obj
+        children = header.get("children")
+        self.children = children if isinstance(children, int) and not isinstance(children, bool) else None
 
     def run(self, index: int | None) -> list[Any]:
         if index is None:
             args, kwargs = self._resolve(self.args), self._resolve(self.kwargs)
             return [_payload.capture(self.fn, args, kwargs)]
-        sealed = _payload.read_input_slice(lambda s, e: self.store.read(_payload.INPUTS, s, e), index)
+        sealed = _payload.read_input_slice(
+            lambda s, e: self.store.read(_payload.INPUTS, s, e), index, self.children
+        )
         raw = _keys.open_sealed(self.key, "input", self.job_id, index, sealed, what=_payload.INPUTS)
         items = self._resolve(_payload._dill().loads(raw))
         return [_payload.capture(self.fn, item, {}) for item in items]

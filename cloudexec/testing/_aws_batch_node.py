@@ -34,7 +34,7 @@ _LOG_FLUSH_INTERVAL_S = 0.25
 
 # What the runner needs in an AWS job, imported once by the fork server.
 FORKSERVER_PRELOAD = ("cloudexec._storage", "dill", "fsspec", "s3fs")
-FORKSERVER_WARMUPS = (f"{__name__}:share_botocore_data",)
+FORKSERVER_WARMUPS = (f"{__name__}:share_botocore_data", f"{__name__}:share_tls_contexts")
 
 # Variables pointing a job at the emulator; they override any job definition's.
 EMULATOR_ENV = (
@@ -73,6 +73,36 @@ def share_botocore_data() -> None:
         return loader if search_path_string is None else default(search_path_string)
 
     botocore.session.create_loader = shared_loader
+
+
+def share_tls_contexts() -> None:
+    """Fork-server warm-up: build aiobotocore's TLS contexts once, for every job's clients.
+
+    Each S3 client a job creates builds a TLS context and loads the CA bundle
+    into it (~20 ms, a fifth of a trivial job's CPU), even for the emulator's
+    plain-HTTP endpoint. The contexts are built from the client's settings
+    alone (its ``verify``: on, off or a CA bundle path; ``SSLKEYLOGFILE``), so
+    clients with the same settings get the same context, the default one
+    built here before any job forks. A client with a client certificate or a
+    proxy builds its own, as before. A context is a configuration, not a
+    connection: it survives a fork.
+    """
+    from aiobotocore.httpsession import AIOHTTPSession
+
+    build = AIOHTTPSession._build_ssl_contexts
+    built: dict[tuple[Any, str | None], Any] = {}
+
+    def shared_ssl_contexts(self: AIOHTTPSession, proxy_url: str | None) -> Any:
+        if proxy_url is not None or self._cert_file is not None or not isinstance(self._verify, (bool, str)):
+            return build(self, proxy_url)
+        key = (self._verify, os.environ.get("SSLKEYLOGFILE"))
+        contexts = built.get(key)
+        if contexts is None:
+            contexts = built[key] = build(self, proxy_url)
+        return contexts
+
+    AIOHTTPSession._build_ssl_contexts = shared_ssl_contexts
+    shared_ssl_contexts(AIOHTTPSession(), None)
 
 
 class Attempt:

@@ -468,6 +468,22 @@ def _redirect(out_path: str, err_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m cloudexec.runner`` and the ``cloudexec-runner`` script."""
+    args = _parser().parse_args(argv)
+    if args.serve:
+        orphans = _Orphans(args.claims, args.size, args.log_dir) if args.claims and args.size else None
+        return _serve(args.job_url, args.control_fd, orphans)
+    # Only a provider that asks for a capture pays its import, so the others'
+    # cold start does not change.
+    capture = _call_hook(args.capture_output, "output capture") if args.capture_output else None
+    try:
+        return _run_parsed(args)
+    finally:
+        if capture is not None:
+            capture.finish()
+
+
+def _parser() -> Any:
+    """The command line's parser (a fork server builds one first, so its patterns are compiled once)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="cloudexec-runner", description="Run one cloudexec job.")
@@ -496,18 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.serve:
-        orphans = _Orphans(args.claims, args.size, args.log_dir) if args.claims and args.size else None
-        return _serve(args.job_url, args.control_fd, orphans)
-    # Only a provider that asks for a capture pays its import, so the others'
-    # cold start does not change.
-    capture = _call_hook(args.capture_output, "output capture") if args.capture_output else None
-    try:
-        return _run_parsed(args)
-    finally:
-        if capture is not None:
-            capture.finish()
+    return parser
 
 
 def _call_hook(hook: str, what: str, *args: Any) -> Any:

@@ -176,7 +176,7 @@ class ForkServer:
         self._env = dict(env)
         # The runner's own lazy imports (its command line, fsspec's URL parsing) too.
         self._preload = ["cloudexec.runner", "argparse", "fsspec.implementations.chained", *preload]
-        self._warmups = ["cloudexec.runner:_parser", *warmups]
+        self._warmups = ["cloudexec.runner:warm_up", *warmups]
         self._name = name
         self._lock = threading.RLock()
         self._popen: subprocess.Popen[bytes] | None = None

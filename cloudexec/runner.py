@@ -52,7 +52,7 @@ from cloudexec import _keys, _payload
 from cloudexec._storage import Store, open_store
 from cloudexec.errors import IntegrityError
 
-__all__ = ["main", "run_job"]
+__all__ = ["main", "run_job", "warm_up"]
 
 #: Where an array child's index is when the command line names no variable.
 DEFAULT_INDEX_ENV = "CLOUDEXEC_ARRAY_INDEX"
@@ -482,8 +482,14 @@ def main(argv: list[str] | None = None) -> int:
             capture.finish()
 
 
+def warm_up() -> None:
+    """Fork-server warm-up: build the parser and parse a command line once, so ``re`` has compiled
+    argparse's patterns before any job forks."""
+    _parser().parse_args(["job-url", "--array", "--index-env", "NAME", "--index-base", "0"])
+
+
 def _parser() -> Any:
-    """The command line's parser (a fork server builds one first, so its patterns are compiled once)."""
+    """The command line's parser."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="cloudexec-runner", description="Run one cloudexec job.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -78,6 +79,10 @@ def share_botocore_data() -> None:
         return loader if search_path_string is None else default(search_path_string)
 
     botocore.session.create_loader = shared_loader
+    # Each job's first request matches its region against every partition's pattern.
+    for partition in loader.load_data("partitions").get("partitions", []):
+        if isinstance(partition.get("regionRegex"), str):
+            re.compile(partition["regionRegex"])
 
 
 def share_tls_contexts() -> None:

@@ -98,6 +98,8 @@ FORKSERVER_PRELOAD = (
     "dill",
     "fsspec",
     "adlfs",
+    # Imported by azure-core on a client's first request, so by every task.
+    "azure.core.rest._aiohttp",
 )
 
 # Variables a task inherits from the emulator's own environment. Azure starts

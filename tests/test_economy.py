@@ -60,6 +60,20 @@ def test_a_map_writes_its_inputs_once_whatever_its_size(emu: Any) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_an_array_child_reads_with_four_gets_and_no_head(emu: Any) -> None:
+    for n in (4, 16):
+        with emu.executor(poll_interval_s=FAST_POLL) as ex:
+            emu.reset_api_calls()
+            assert ex.submit_map(jobs.double, range(n), chunksize=1).result(timeout=90) == [2 * i for i in range(n)]
+        calls = emu.storage_calls
+        # Each child GETs its call, its slice's table entry, its slice, and an earlier
+        # result (there is none); the client GETs each result once. Whole objects are
+        # read without a HEAD first, and a missing one is not looked for with a listing.
+        assert calls["GetObject"] == 5 * n, calls
+        assert calls["HeadObject"] == 0, calls
+
+
+@pytest.mark.timeout(120)
 def test_results_are_listed_from_the_last_child_done(emu: Any) -> None:
     with emu.executor(poll_interval_s=FAST_POLL) as ex:
         store = ex._core.store

@@ -57,11 +57,16 @@ children run at once, each a process of its own, and the scheduler's work per
 pass is bounded by the timers that fire and a 64-job backfill window, so
 10,000 children cost no quadratic work. A ``python -m cloudexec.runner`` (or
 ``python -c``) job is forked by one fork server that already imported the
-runner and s3fs and parsed botocore's data files, so a child costs a fork, not
-an interpreter start-up: a 1,000-child array of trivial calls runs at tens of
-children per second (``benchmarks/bench_emulators.py``; set
-``CLOUDEXEC_FORKSERVER=0`` for a fresh interpreter per job, ~0.5-1 s each).
-moto's S3, which serves every child's reads and writes, is then the bound.
+runner and s3fs, parsed botocore's data files and built what every S3 client
+would build again (TLS contexts, botocore's event handlers, compiled
+patterns), so a child costs a fork and a client of its own, not an
+interpreter start-up (set ``CLOUDEXEC_FORKSERVER=0`` for a fresh interpreter
+per job, ~0.5-1 s each). A child of an array of trivial calls then costs
+~0.09 CPU-seconds in all: ~75% in its own process (its S3 client, four GETs
+and a PUT, the fork and the exit), ~15% in moto answering those requests and
+the rest in the scheduler and the client. CPU is the bound: ~15 children per
+second on 2 busy cores, a 1,000-child array in about a minute
+(``benchmarks/bench_emulators.py``).
 
 Known differences from AWS Batch:
 

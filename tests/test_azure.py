@@ -35,6 +35,7 @@ from azure.core.exceptions import ResourceNotFoundError  # noqa: E402
 from cloudexec._futures import CANCEL_REASON  # noqa: E402
 from cloudexec.errors import CloudExecError, JobFailedError, StorageError, SubmissionError  # noqa: E402
 from cloudexec.providers import _azure_conventions as _conventions  # noqa: E402
+from cloudexec.providers import _azure_tasks as _tasks  # noqa: E402
 from cloudexec.providers._azure_describe import _REFRESH_PER_POLL  # noqa: E402
 from cloudexec.providers.azure import (  # noqa: E402
     DEFAULT_CONTAINER_IMAGE,
@@ -374,7 +375,11 @@ def test_tasks_are_added_in_collections_in_index_order(
     assert arr.result(timeout=45) == [0, 2, 4, 6, 8]
     assert emu.api_calls["create_task_collection"] - before == 3
     tasks = sorted(batch.list_tasks(arr.job_id), key=lambda t: t.creation_time)
-    assert [t.id for t in tasks] == [str(10000001 + i) for i in range(5)]
+    order = [int(t.id) - 10000001 for t in tasks]
+    assert sorted(order) == list(range(5))
+    # The collections go out a few at once: each one's tasks are added in index order.
+    for collection in ([0, 1], [2, 3], [4]):
+        assert [i for i in order if i in collection] == collection
 
 
 @pytest.mark.timeout(60)
@@ -652,15 +657,20 @@ def test_failed_task_add_leaves_nothing_behind(
     ex = make_executor()
     provider = ex.provider
     provider.tasks_per_request = 2
-    build = provider.task_options
+    build, build_child = provider.task_options, _tasks.child_body
 
-    def one_bad_task(spec: Any, index: int | None) -> Any:
+    def bad_single_task(spec: Any, index: int | None) -> Any:
         options = build(spec, index)
-        if index in (None, 3):
+        if index is None:
             options.required_slots = 0  # Azure refuses: requiredSlots must be at least 1
         return options
 
-    monkeypatch.setattr(provider, "task_options", one_bad_task)
+    def one_bad_child(template: Any, index: int, *, sequential: bool) -> dict[str, Any]:
+        body = build_child(template, index, sequential=sequential)
+        return {**body, "requiredSlots": 0} if index == 3 else body
+
+    monkeypatch.setattr(provider, "task_options", bad_single_task)
+    monkeypatch.setattr(_tasks, "child_body", one_bad_child)
     before = dict(emu.api_calls)
     # Array: tasks 0-2 were added (and start running) before task 3 is refused.
     arr = ex.submit_map(jobs.nap, [30] * 5)

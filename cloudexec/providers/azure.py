@@ -9,7 +9,8 @@ How calls become Azure objects (azure-batch 15.x, ``azure.batch.BatchClient``)::
                            command line tells the runner to read its index
                            from AZ_BATCH_TASK_ID minus 10000001), added
                            in collections of at most 100 (Azure's limit per
-                           addtaskcollection request), in index order
+                           addtaskcollection request), sent in index order a
+                           few at once (`cloudexec.providers._azure_tasks`)
     then                   the job's onAllTasksComplete is set to terminatejob,
                            so it completes by itself and leaves the account's
                            active-job quota; Azure advises setting it only after
@@ -123,6 +124,7 @@ from cloudexec._provider import CannotHold, CapacityReached, JobInfo, JobSpec, P
 from cloudexec._version import __version__
 from cloudexec.errors import CloudExecError, StorageError, SubmissionError
 from cloudexec.providers import _azure_conventions as _conventions
+from cloudexec.providers import _azure_tasks as _tasks
 from cloudexec.providers._azure_describe import (  # task_status, task_info, array_info: public here too
     AZURE_FIRST_CHILD_TASK_ID,
     HOSTED_PREFIX,
@@ -141,6 +143,7 @@ from cloudexec.providers._azure_describe import (  # task_status, task_info, arr
     task_info,
     task_status,
 )
+from cloudexec.providers._azure_tasks import error_code as _error_code
 from cloudexec.settings import COMMON_SETTINGS, JobSettings
 
 __all__ = [
@@ -181,16 +184,6 @@ _STORAGE_AUTH_KEYS = ("connection_string", "account_key", "sas_token", "credenti
 def azure_priority(priority: float) -> int:
     """Scale cloudexec's priority (-1..+1) to an Azure job priority (-1000..1000)."""
     return max(-1000, min(1000, round(priority * 1000)))
-
-
-def _error_code(exc: BaseException) -> str | None:
-    """The Azure error code of an azure-core ``HttpResponseError`` (``PoolNotFound`` …)."""
-    error = getattr(exc, "error", None)
-    code = getattr(error, "code", None)
-    if code:
-        return str(code)
-    code = getattr(exc, "error_code", None)
-    return str(getattr(code, "value", code)) if code else None
 
 
 def _error_message(exc: BaseException) -> str:
@@ -607,50 +600,17 @@ class AzureBatchProvider(BulkDescribe, Provider):
         return m.BatchTaskCreateOptions(**options)
 
     def _add_children(self, spec: JobSpec, size: int, *, sequential: bool = False) -> None:
-        """Add the array's tasks in index order; with ``sequential``, task i depends on task i - 1."""
-        m = self._models()
-
-        def child(i: int) -> Any:
-            if not sequential or i == 0:
-                return self.task_options(spec, i)
-            return self.task_options(spec, i, depends_on=m.BatchTaskDependencies(task_ids=[task_id_for(i - 1)]))
-
-        # In index order, one request at a time: the SDK's create_tasks would
-        # send the collections in reverse order, and early children should run first.
-        pending = [(start, min(size, start + self.tasks_per_request)) for start in range(0, size, self.tasks_per_request)]
-        pending.reverse()
-        while pending:
-            start, end = pending.pop()
-            group = m.BatchTaskGroup(task_values=[child(i) for i in range(start, end)])
-            try:
-                result = _resend_if_dropped(
-                    lambda: self.client.create_task_collection(spec.job_id, group), self.max_api_attempts
-                )
-            except Exception as exc:
-                if _error_code(exc) != "RequestBodyTooLarge" or end - start == 1:
-                    raise
-                # Azure: a collection above 1 MiB "should be retried again with
-                # fewer Tasks" (long command lines, many settings): halve it.
-                middle = (start + end) // 2
-                pending += [(middle, end), (start, middle)]
-                continue
-            for item in result.result_values or []:
-                if _name(item.status) == "success":
-                    continue
-                code = item.error.code if item.error is not None else None
-                if code == "TaskExists":
-                    continue  # azure-core retried a request that had gone through
-                message = item.error.message if item.error is not None else None
-                details = ""
-                if item.error is not None and item.error.error_values:
-                    details = " (" + ", ".join(f"{v.key}={v.value}" for v in item.error.error_values) + ")"
-                raise SubmissionError(
-                    f"Azure Batch refused task {item.task_id} of job {spec.job_id} ({code or item.status}): "
-                    f"{message}{details}; the job was terminated and deleted, nothing of it runs. "
-                    "Check the job's settings (vcpus, timeout, retries, container_image)",
-                    job_id=spec.job_id,
-                    code=code,
-                )
+        """Add the array's tasks, 100 per request, a few requests at once (see `_azure_tasks`)."""
+        template = self.task_options(spec, 0).as_dict(exclude_readonly=True)
+        _tasks.add_children(
+            self.client,
+            spec.job_id,
+            template,
+            size,
+            per_request=self.tasks_per_request,
+            sequential=sequential,
+            send=lambda call: _resend_if_dropped(call, self.max_api_attempts),
+        )
 
     def _terminate_job(self, job_id: str, reason: str) -> None:
         from azure.batch.models._models import BatchJobTerminateOptions  # not re-exported by azure-batch 15.1

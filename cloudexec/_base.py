@@ -363,8 +363,8 @@ class BatchExecutor(Executor):
             chunk = _depends.swap_futures(self._core, list(itertools.islice(items, chunksize)), found)
             if found:
                 per_child[index] = found
-            pickled = _payload.dumps_chunk(chunk)
-            modules |= _payload.pickled_module_names(pickled)
+            pickled, refers_to = _payload.dumps_chunk_modules(chunk)
+            modules |= refers_to
             inputs.add(_keys.seal(job_key, "input", job_id, index, pickled))
         del columns, items
         call = _keys.seal(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -165,6 +166,26 @@ def test_inputs_table_reads_one_slice() -> None:
     assert sum(e - s for s, e in reads) < 64 + len(chunks[37])  # only its own bytes
     with pytest.raises(PayloadError, match="outside"):
         _payload.read_input_slice(read, 50)
+
+
+@pytest.mark.parametrize(
+    "chunk, plain",
+    [
+        ([(1, "a", None, True, 2.5, b"x")], True),
+        ([([1, 2], {"k": (3, [4.0])})], True),
+        ([(Path("/tmp"),)], False),  # a class by reference: dill, and its module named
+        ([(jobs.double,)], False),
+        ([([[[[[1]]]]],)], False),  # deeper than the plain check looks: dill
+    ],
+)
+def test_map_chunks_of_plain_data_skip_dill(chunk: list[tuple[Any, ...]], plain: bool) -> None:
+    pickled, modules = _payload.dumps_chunk_modules(chunk)
+    assert _payload._dill().loads(pickled) == chunk
+    if plain:
+        assert pickled == pickle.dumps(chunk, protocol=pickle.DEFAULT_PROTOCOL) and modules == set()
+    else:
+        assert pickled == _payload.dumps_chunk(chunk)
+        assert modules == _payload.pickled_module_names(pickled)
 
 
 def test_outcomes_degrade_what_cannot_be_pickled() -> None:

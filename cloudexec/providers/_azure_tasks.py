@@ -10,10 +10,10 @@ the requests that carry them.
 Add-task-collection takes at most 100 tasks and 1 MiB per request. A
 collection Azure refuses as ``RequestBodyTooLarge`` "should be retried again
 with fewer Tasks": it is halved (down to one task). The collections are built
-in index order and sent that way, `MAX_IN_FLIGHT` at once (Azure's guidance for
-adding many tasks is concurrent add-collection calls, each answer takes a round
-trip), so early children are added first. A sequential array's go one at a
-time, so that each task's dependency exists before it is added.
+in index order and sent that way, `MAX_IN_FLIGHT` at once (Azure's guide to
+submitting many tasks advises parallel add-collection calls: each one waits a
+round trip), so early children are still added first. A sequential array's go
+one at a time, so that each task's dependency exists before it is added.
 
 The first collection that fails stops the ones not sent yet; once those in
 flight answered, the failure of the lowest collection is raised (the caller

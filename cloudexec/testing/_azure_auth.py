@@ -341,6 +341,9 @@ class EmulatorTokenCredential:
 
 class _IdentityHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body are two writes: without this the body waits for the
+    # client's delayed ACK (40 ms on Linux), a stall no cloud endpoint has.
+    disable_nagle_algorithm = True
     server: _IdentityServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature

@@ -332,7 +332,7 @@ class _Scheduler:
     the state under ``cond`` and wake the selector.
     """
 
-    def __init__(self, max_vcpus: int) -> None:
+    def __init__(self, max_vcpus: int, listeners: list[Callable[[], None]]) -> None:
         self.max_vcpus = max_vcpus
         self.free_vcpus = max_vcpus
         self.cond = threading.Condition()
@@ -343,7 +343,7 @@ class _Scheduler:
         self.watcher = Watcher()
         self.closed = False
         self.changed = False  # a job changed since listeners were last told
-        self.listeners: list[Callable[[], None]] = []
+        self.listeners = listeners  # the provider's: told after each change (Provider.watch)
         self.thread = threading.Thread(target=self._loop, name="cloudexec-local-scheduler", daemon=True)
         self.thread.start()
 
@@ -796,6 +796,7 @@ class LocalProvider(Provider):
         self.env = dict(env or {})
         self._keeper = Keeper(state_dir, max_vcpus, self.env) if keep_held else None
         self._scheduler: _Scheduler | None = None
+        self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         # Children of other processes' arrays known to have ended, by job: their
         # result objects are read once, not at every poll.
@@ -805,11 +806,12 @@ class LocalProvider(Provider):
     def scheduler(self) -> _Scheduler:
         with self._lock:
             if self._scheduler is None:
-                self._scheduler = _Scheduler(self.max_vcpus)
+                self._scheduler = _Scheduler(self.max_vcpus, self._listeners)
             return self._scheduler
 
     def watch(self, on_change: Callable[[], None]) -> None:
-        self.scheduler.listeners.append(on_change)
+        # Kept by the provider: the scheduler (and its thread) starts with the first job, not here.
+        self._listeners.append(on_change)
 
     def validate_settings(self, settings: JobSettings) -> None:
         if settings.vcpus is not None and settings.vcpus > self.max_vcpus:

@@ -707,7 +707,9 @@ class Manager:
                 else:
                     outcomes = self._read_outcomes(record, None)
                     if isinstance(outcomes, list) and all(o[0] == "ok" for o in outcomes):
-                        self._finish_single(record, None)
+                        # The service could not say whether the job ended: its
+                        # properties wait for that end, as after an early delivery.
+                        self._finish_single(record, None, outcomes, before_end=True)
                         self._drop(record)
                         changed = True
                         continue

@@ -114,3 +114,33 @@ def test_a_refused_storage_write_fails_the_submit_naming_the_job_and_cause(monke
         assert fut.job_id in str(error) and "403" in str(error) and "credentials" in str(error)
         monkeypatch.undo()
         assert ex.submit(jobs.double, 2).result(timeout=30) == 4  # the executor goes on
+
+
+@pytest.mark.timeout(60)
+def test_a_result_read_while_the_service_cannot_be_asked_still_gets_the_jobs_final_status(tmp_path: Any) -> None:
+    # Describe fails (an outage) just as the result is stored: the future is
+    # resolved from storage, and its status, read right after result(), waits
+    # for the service to say how the job ended, as after an early delivery.
+    import threading
+
+    from contract import wait_until
+
+    gate = str(tmp_path / "gate")
+    with FakeBatchExecutor(service=FakeBatchService(), poll_interval_s=(0.01, 0.05)) as ex:
+        provider = ex._core.provider
+        describe = provider.describe
+        outage = threading.Event()
+
+        def failing_describe(refs: Any) -> Any:
+            if outage.is_set():
+                raise ConnectionError("the service cannot be reached")
+            return describe(refs)
+
+        provider.describe = failing_describe  # type: ignore[method-assign]
+        fut = ex.submit(jobs.wait_for_file, gate, 7)
+        wait_until(lambda: fut.job_status == FakeJobStatus.RUNNING, 30)
+        outage.set()
+        open(gate, "w").close()
+        assert fut.result(timeout=30) == 7
+        threading.Timer(0.5, outage.clear).start()
+        assert fut.job_status is FakeJobStatus.SUCCEEDED and fut.job_exit_code == 0
